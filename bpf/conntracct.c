@@ -1,0 +1,339 @@
+// conntracct probe: reads the kernel's own conntrack accounting and emits
+// NEW / UPDATE / DESTROY flow records into a BPF ring buffer.
+//
+// Kernel struct layouts are never taken from headers: every offset below is a
+// -D macro computed from the running kernel's BTF (conntracct/probe/offsets.py).
+// The record layout is mirrored once in conntracct/probe/record.py; a test
+// compares the two.
+//
+// One accounting routine, account(); thin entry points per attach mode,
+// selected with -DMODE_NETFILTER, -DMODE_KPROBE or -DMODE_FENTRY.
+
+#include <uapi/linux/ptrace.h>
+
+#define KIND_NEW 1
+#define KIND_UPDATE 2
+#define KIND_DESTROY 3
+
+#define FLAG_BACKDATED 1   // flow existed before the agent started
+#define FLAG_NO_ACCT 2     // conntrack entry has no accounting extension
+#define FLAG_NO_TSTAMP 4   // conntrack entry has no timestamp extension
+#define FLAG_FIRST_SIGHT 8 // a DESTROY for a flow the probe never saw before
+
+// Indexes of the per-CPU `stats` array (mirrored in record.py).
+#define STAT_RECORDS_LOST 0  // ring buffer full: record dropped
+#define STAT_STATE_FULL 1    // per-flow state map full: flow not tracked
+#define STAT_STATE_INSERTS 2
+#define STAT_STATE_DELETES 3
+#define STAT_COUNT 4
+
+// Indexes of the `settings` array, written by the agent before attaching.
+#define SET_WALL_OFFSET 0    // wall clock minus bpf_ktime_get_ns(), ns
+#define SET_AGENT_START 1    // agent start, wall clock ns
+#define SET_STAMPED_SINCE_START 2  // 1 if every flow since the agent's start has a timestamp
+#define SET_COUNT 3
+
+struct ct_tuple {
+    u8 src[16];     // address, IPv4 in the first 4 bytes
+    u8 dst[16];
+    u16 src_u;      // network order: port, or ICMP id
+    u16 dst_u;      // network order: port, or ICMP type (byte 0) and code (byte 1)
+    u8 family;      // AF_INET or AF_INET6
+    u8 proto;       // IPPROTO_*
+    u8 _pad[2];
+};
+
+struct flow_record {
+    u64 ts;                 // bpf_ktime_get_ns() at emission
+    u64 start_ns;           // flow start, wall clock (timestamp extension), 0 if unknown
+    u64 stop_ns;            // flow stop, wall clock, 0 while alive
+    u64 first_seen;         // bpf_ktime_get_ns() when the probe first saw the flow
+    u64 packets[2];         // totals, [0] original direction, [1] reply
+    u64 bytes[2];
+    u64 delta_packets[2];   // since the previous record of this flow
+    u64 delta_bytes[2];
+    u64 status;             // IPS_* bits
+    struct ct_tuple orig;
+    struct ct_tuple reply;
+    u32 netns;              // network namespace inode
+    u32 mark;
+    u16 zone;
+    u8 kind;                // KIND_*
+    u8 tcp_state;           // TCP_CONNTRACK_*, 0 for other protocols
+    u8 flags;               // FLAG_*
+    u8 _pad[3];
+};
+
+struct flow_key {
+    struct ct_tuple orig;
+    u32 netns;
+    u16 zone;
+    u8 _pad[2];
+};
+
+struct flow_state {
+    u64 first_seen;
+    u64 next_emit;          // bpf_ktime_get_ns() before which no UPDATE is sent
+    u64 packets[2];         // totals in the previous record
+    u64 bytes[2];
+};
+
+struct netns_cache {
+    u64 net;
+    u32 inum;
+};
+
+BPF_RINGBUF_OUTPUT(records, RINGBUF_PAGES);
+BPF_HASH(flows, struct flow_key, struct flow_state, MAX_FLOWS);
+BPF_PERCPU_ARRAY(stats, u64, STAT_COUNT);
+BPF_ARRAY(settings, u64, SET_COUNT);
+BPF_PERCPU_ARRAY(netns_cache, struct netns_cache, 1);
+
+static __always_inline void count(int index) {
+    u64 *v = stats.lookup(&index);
+    if (v)
+        (*v)++;
+}
+
+static __always_inline u64 setting(int index) {
+    u64 *v = settings.lookup(&index);
+    return v ? *v : 0;
+}
+
+// UPDATE interval for a flow of the given age: RATE_CURVE(age) is generated
+// from the configured curve, e.g. age < 60s ? 20s : age < 300s ? 60s : 300s.
+static __always_inline u64 update_interval(u64 age) {
+    return RATE_CURVE(age);
+}
+
+static __always_inline void copy_tuple(struct ct_tuple *t, const u8 *kt) {
+    __builtin_memcpy(t->src, kt + TUPLE_SRC_U3, 16);
+    __builtin_memcpy(t->dst, kt + TUPLE_DST_U3, 16);
+    __builtin_memcpy(&t->src_u, kt + TUPLE_SRC_U, 2);
+    __builtin_memcpy(&t->dst_u, kt + TUPLE_DST_U, 2);
+    t->family = kt[TUPLE_L3NUM];
+    t->proto = kt[TUPLE_PROTONUM];
+    t->_pad[0] = 0;
+    t->_pad[1] = 0;
+}
+
+static __always_inline u32 netns_inum(u64 net) {
+    int zero = 0;
+    struct netns_cache *c = netns_cache.lookup(&zero);
+    if (c && c->net == net)
+        return c->inum;
+    u32 inum = 0;
+    bpf_probe_read_kernel(&inum, sizeof(inum), (void *)(net + NET_INUM));
+    if (c) {
+        c->net = net;
+        c->inum = inum;
+    }
+    return inum;
+}
+
+// Reads one nf_conn and emits a record when one is due.  `destroy` is set
+// when the flow is being destroyed (kprobe/fentry modes).
+static __always_inline int account(void *ct, int destroy) {
+    u64 words[(CT_READ_LEN + 7) / 8];   // u64 array: aligned loads below
+    u8 *c = (u8 *)words;
+    if (bpf_probe_read_kernel(words, sizeof(words), ct))
+        return 0;
+    u64 status = *(u64 *)(c + CT_STATUS);
+    // Unconfirmed entries may still be dropped without any end event; they
+    // are accounted from their first packet after confirmation.  Dying ones
+    // have been (or are being) reported as destroyed.
+    if (!(status & (1UL << IPS_CONFIRMED_BIT)))
+        return 0;
+    if (!destroy && (status & (1UL << IPS_DYING_BIT)))
+        return 0;
+
+    struct flow_key key = {};
+    copy_tuple(&key.orig, c + CT_TUPLE_ORIG);
+    key.netns = netns_inum(*(u64 *)(c + CT_NET));
+    key.zone = *(u16 *)(c + CT_ZONE_ID);
+
+    u64 now = bpf_ktime_get_ns();
+    u8 kind;
+    u8 flags = 0;
+    struct flow_state *st = flows.lookup(&key);
+    struct flow_state fresh = {};
+    if (destroy) {
+        kind = KIND_DESTROY;
+        if (st)
+            fresh = *st;
+        else
+            flags |= FLAG_FIRST_SIGHT;
+        if (st && flows.delete(&key) == 0)
+            count(STAT_STATE_DELETES);
+    } else if (st) {
+        u64 due = st->next_emit;
+        if (now < due)
+            return 0;
+        // Two CPUs may carry packets of one flow: only one emits the UPDATE.
+        if (__sync_val_compare_and_swap(&st->next_emit, due, now + 1000000000ULL) != due)
+            return 0;
+        kind = KIND_UPDATE;
+        fresh = *st;
+    } else {
+        kind = KIND_NEW;
+        fresh.first_seen = now;
+    }
+
+    // Extensions: accounting counters and timestamps.
+    u64 ext = *(u64 *)(c + CT_EXT);
+    u8 ext_off[EXT_NUM] = {};
+    u64 acct[4] = {};       // orig packets, orig bytes, reply packets, reply bytes
+    u64 tstamp[2] = {};     // start, stop
+    if (ext)
+        bpf_probe_read_kernel(ext_off, sizeof(ext_off), (void *)(ext + EXT_OFFSET));
+    if (ext_off[EXT_ACCT_ID])
+        bpf_probe_read_kernel(acct, sizeof(acct), (void *)(ext + ext_off[EXT_ACCT_ID] + ACCT_COUNTER));
+    else
+        flags |= FLAG_NO_ACCT;
+    if (ext_off[EXT_TSTAMP_ID])
+        bpf_probe_read_kernel(tstamp, sizeof(tstamp), (void *)(ext + ext_off[EXT_TSTAMP_ID] + TSTAMP_START));
+    else
+        flags |= FLAG_NO_TSTAMP;
+
+    u64 wall_now = now + setting(SET_WALL_OFFSET);
+    u64 age = tstamp[0] && wall_now > tstamp[0] ? wall_now - tstamp[0] : now - fresh.first_seen;
+
+    if (kind == KIND_NEW) {
+        u64 agent_start = setting(SET_AGENT_START);
+        int backdated = tstamp[0] ? tstamp[0] < agent_start
+                                  : setting(SET_STAMPED_SINCE_START);
+        if (backdated) {
+            // An old flow seen for the first time: no NEW, and its first
+            // UPDATE is spread over its interval so a restart on a busy
+            // host is not a burst.
+            u64 iv = update_interval(age);
+            fresh.next_emit = now + (bpf_get_prandom_u32() % (iv / 1000000 + 1)) * 1000000;
+            fresh.packets[0] = acct[0];
+            fresh.bytes[0] = acct[1];
+            fresh.packets[1] = acct[2];
+            fresh.bytes[1] = acct[3];
+            if (flows.insert(&key, &fresh))
+                count(STAT_STATE_FULL);   // EEXIST from a racing CPU is rare
+            else
+                count(STAT_STATE_INSERTS);
+            return 0;
+        }
+        fresh.next_emit = now + update_interval(age);
+        int err = flows.insert(&key, &fresh);
+        if (err == -17)         // -EEXIST: another CPU saw it first
+            return 0;
+        if (err) {
+            count(STAT_STATE_FULL);
+            return 0;
+        }
+        count(STAT_STATE_INSERTS);
+    }
+
+    struct flow_record *r = records.ringbuf_reserve(sizeof(struct flow_record));
+    if (!r) {
+        count(STAT_RECORDS_LOST);
+        if (st && kind == KIND_UPDATE)
+            st->next_emit = now;    // retry with the next packet
+        return 0;
+    }
+    r->ts = now;
+    r->start_ns = tstamp[0];
+    r->stop_ns = tstamp[1];
+    r->first_seen = fresh.first_seen;
+    r->packets[0] = acct[0];
+    r->bytes[0] = acct[1];
+    r->packets[1] = acct[2];
+    r->bytes[1] = acct[3];
+    r->delta_packets[0] = acct[0] - fresh.packets[0];
+    r->delta_bytes[0] = acct[1] - fresh.bytes[0];
+    r->delta_packets[1] = acct[2] - fresh.packets[1];
+    r->delta_bytes[1] = acct[3] - fresh.bytes[1];
+    r->status = status;
+    r->orig = key.orig;
+    copy_tuple(&r->reply, c + CT_TUPLE_REPLY);
+    r->netns = key.netns;
+    r->mark = *(u32 *)(c + CT_MARK);
+    r->zone = key.zone;
+    r->kind = kind;
+    r->tcp_state = r->orig.proto == 6 ? c[CT_TCP_STATE] : 0;
+    r->flags = flags;
+    r->_pad[0] = r->_pad[1] = r->_pad[2] = 0;
+    records.ringbuf_submit(r, 0);
+
+    if (kind == KIND_UPDATE) {
+        st->next_emit = now + update_interval(age);
+        st->packets[0] = acct[0];
+        st->bytes[0] = acct[1];
+        st->packets[1] = acct[2];
+        st->bytes[1] = acct[3];
+    } else if (kind == KIND_NEW) {
+        struct flow_state *ins = flows.lookup(&key);
+        if (ins) {
+            ins->packets[0] = acct[0];
+            ins->bytes[0] = acct[1];
+            ins->packets[1] = acct[2];
+            ins->bytes[1] = acct[3];
+        }
+    }
+    return 0;
+}
+
+#ifdef MODE_NETFILTER
+// BPF_PROG_TYPE_NETFILTER: linked at PRE_ROUTING and LOCAL_OUT (IPv4, IPv6)
+// with a priority just after conntrack, so skb->_nfct is set and its
+// counters already include this packet.
+struct nf_prog_ctx {
+    void *state;
+    void *skb;
+};
+
+int netfilter_hook(struct nf_prog_ctx *ctx) {
+    u64 nfct = 0;
+    bpf_probe_read_kernel(&nfct, sizeof(nfct), ctx->skb + SKB_NFCT);
+    void *ct = (void *)(nfct & ~7UL);   // low bits carry ctinfo
+    if (ct)
+        account(ct, 0);
+    return 1;   // NF_ACCEPT: the probe never changes a verdict
+}
+#endif
+
+#ifdef MODE_KPROBE
+// kprobe + kretprobe on __nf_ct_refresh_acct: counters are read after the
+// kernel updated them.
+BPF_HASH(refreshing, u64, u64, 4096);
+
+int refresh_enter(struct pt_regs *ctx) {
+    u64 id = bpf_get_current_pid_tgid();
+    u64 ct = PT_REGS_PARM1(ctx);
+    refreshing.update(&id, &ct);
+    return 0;
+}
+
+int refresh_return(struct pt_regs *ctx) {
+    u64 id = bpf_get_current_pid_tgid();
+    u64 *ct = refreshing.lookup(&id);
+    if (!ct)
+        return 0;
+    u64 p = *ct;
+    refreshing.delete(&id);
+    account((void *)p, 0);
+    return 0;
+}
+
+int flow_destroy(struct pt_regs *ctx) {
+    account((void *)PT_REGS_PARM1(ctx), 1);
+    return 0;
+}
+#endif
+
+#ifdef MODE_FENTRY
+KRETFUNC_PROBE(__nf_ct_refresh_acct, void *ct) {
+    account(ct, 0);
+    return 0;
+}
+
+KFUNC_PROBE(DESTROY_FUNC, void *ct) {
+    account(ct, 1);
+    return 0;
+}
+#endif

@@ -1,0 +1,162 @@
+"""Compile the C probe with BCC, attach it in one mode, and read its records."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import bpfsys
+from .btf import kernel_btf
+from .offsets import kernel_offsets
+from .record import FLOW_KEY, FLOW_STATE, RECORD, STAT_NAMES
+
+log = logging.getLogger(__name__)
+
+PROBE_SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "conntracct.c"
+MODES = ("fentry", "kprobe", "netfilter")
+REFRESH_FUNC = "__nf_ct_refresh_acct"
+# The conntrack destructor, called once per entry when its last reference goes.
+DESTROY_FUNCS = ("nf_ct_destroy", "destroy_conntrack")
+
+SET_WALL_OFFSET, SET_AGENT_START, SET_STAMPED_SINCE_START = 0, 1, 2
+
+
+class ProbeError(Exception):
+    """The probe could not be compiled, loaded or attached; the message says why."""
+
+
+@dataclass
+class ProbeSettings:
+    rate_curve: list[tuple[int, int]] = field(
+        default_factory=lambda: [(60_000_000_000, 20_000_000_000), (300_000_000_000, 60_000_000_000)])
+    final_interval_ns: int = 300_000_000_000
+    max_flows: int = 262144
+    ringbuf_pages: int = 256
+
+
+def rate_curve_macro(curve: list[tuple[int, int]], final_ns: int) -> str:
+    """RATE_CURVE(age) as nested conditionals, e.g. age < 60s ? 20s : ... : 300s."""
+    expr = f"{final_ns}ULL"
+    for age_ns, every_ns in reversed(curve):
+        expr = f"((age) < {age_ns}ULL ? {every_ns}ULL : {expr})"
+    return f"RATE_CURVE(age)={expr}"
+
+
+def wall_offset_ns() -> int:
+    """Wall clock minus CLOCK_MONOTONIC (bpf_ktime_get_ns), in ns."""
+    return time.time_ns() - time.monotonic_ns()
+
+
+def cflags(mode: str, settings: ProbeSettings, destroy_func: str = DESTROY_FUNCS[0]) -> list[str]:
+    offsets = kernel_offsets(kernel_btf())
+    flags = [f"-D{name}={value}" for name, value in sorted(offsets.items())]
+    flags += [f"-DMODE_{mode.upper()}", f"-DMAX_FLOWS={settings.max_flows}",
+              f"-DRINGBUF_PAGES={settings.ringbuf_pages}", f"-DDESTROY_FUNC={destroy_func}",
+              "-D" + rate_curve_macro(settings.rate_curve, settings.final_interval_ns)]
+    return flags
+
+
+def compile_probe(mode: str, settings: ProbeSettings, destroy_func: str = DESTROY_FUNCS[0]):
+    """BCC-compile the probe for one mode (fentry programs attach on load)."""
+    from bcc import BPF
+    try:
+        return BPF(src_file=str(PROBE_SOURCE).encode(), cflags=cflags(mode, settings, destroy_func))
+    except Exception as e:   # BCC raises bare Exception for compile and attach failures
+        raise ProbeError(f"{mode} probe: {e}") from None
+
+
+class Probe:
+    """The attached probe: poll() hands raw records to `on_record`."""
+
+    def __init__(self, mode: str, settings: ProbeSettings, on_record, stamped_since_start: bool):
+        if mode not in MODES:
+            raise ProbeError(f"unknown probe mode '{mode}'")
+        self.mode = mode
+        self._links: list[int] = []
+        self.wall_offset_ns = wall_offset_ns()
+        self.bpf = None
+        destroy_func = self._destroy_func() if mode != "netfilter" else DESTROY_FUNCS[0]
+        self.bpf = compile_probe(mode, settings, destroy_func)
+        try:
+            self._configure(stamped_since_start)
+            self._attach(destroy_func)
+            self._records = self.bpf["records"]
+            self._records.open_ring_buffer(self._callback_for(on_record))
+        except Exception:
+            self.close()
+            raise
+        self.ring_fd = self._records.map_fd
+        self._stats = self.bpf["stats"]
+        flows = self.bpf["flows"]
+        self._taker = bpfsys.MapEntryTaker(flows.map_fd, FLOW_KEY.size, FLOW_STATE.size)
+
+    # -- set-up ---------------------------------------------------------------
+    @staticmethod
+    def _destroy_func() -> str:
+        from bcc import BPF
+        for name in DESTROY_FUNCS:
+            if BPF.ksymname(name) != -1:
+                return name
+        raise ProbeError(f"none of the conntrack destructors {DESTROY_FUNCS} is in /proc/kallsyms")
+
+    def _configure(self, stamped_since_start: bool) -> None:
+        settings = self.bpf["settings"]
+        settings[ctypes.c_int(SET_WALL_OFFSET)] = ctypes.c_uint64(self.wall_offset_ns)
+        settings[ctypes.c_int(SET_AGENT_START)] = ctypes.c_uint64(time.time_ns())
+        settings[ctypes.c_int(SET_STAMPED_SINCE_START)] = ctypes.c_uint64(int(stamped_since_start))
+
+    def _attach(self, destroy_func: str) -> None:
+        b = self.bpf
+        try:
+            if self.mode == "netfilter":
+                fn = b.load_func(b"netfilter_hook", bpfsys.BPF_PROG_TYPE_NETFILTER,
+                                 attach_type=bpfsys.BPF_NETFILTER)
+                for family, hook in bpfsys.PROBE_HOOKS:
+                    self._links.append(bpfsys.link_netfilter(fn.fd, family, hook))
+            elif self.mode == "kprobe":
+                b.attach_kprobe(event=REFRESH_FUNC, fn_name=b"refresh_enter")
+                b.attach_kretprobe(event=REFRESH_FUNC, fn_name=b"refresh_return")
+                b.attach_kprobe(event=destroy_func, fn_name=b"flow_destroy")
+            # fentry programs were attached by BCC when it loaded them.
+        except Exception as e:
+            raise ProbeError(f"{self.mode} probe: attach failed: {e}") from None
+
+    @staticmethod
+    def _callback_for(on_record):
+        size = RECORD.size
+
+        def callback(_ctx, data, _size):
+            on_record(ctypes.string_at(data, size))
+            return 0
+        return callback
+
+    # -- running --------------------------------------------------------------
+    def poll(self, timeout_ms: int = 100) -> None:
+        self.bpf.ring_buffer_poll(timeout_ms)
+
+    def consume(self) -> None:
+        """Hand over every record queued now, without waiting."""
+        self.bpf.ring_buffer_consume()
+
+    def take_flow_state(self, key: bytes) -> tuple[int, int, int, int, int, int] | None:
+        """Remove a flow's kernel-side state: (first_seen, next_emit, pkts_o, pkts_r, bytes_o, bytes_r)."""
+        raw = self._taker.take(key)
+        return FLOW_STATE.unpack(raw) if raw is not None else None
+
+    def stats(self) -> dict[str, int]:
+        out = {}
+        for i, name in enumerate(STAT_NAMES):
+            out[name] = int(sum(self._stats[ctypes.c_int(i)]))
+        return out
+
+    def close(self) -> None:
+        for fd in self._links:
+            os.close(fd)
+        self._links.clear()
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            self.bpf = None

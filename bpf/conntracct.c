@@ -14,11 +14,13 @@
 #define KIND_NEW 1
 #define KIND_UPDATE 2
 #define KIND_DESTROY 3
+#define KIND_TRACK 4    // agent-internal: a back-dated flow whose end the agent must sweep for
 
 #define FLAG_BACKDATED 1   // flow existed before the agent started
 #define FLAG_NO_ACCT 2     // conntrack entry has no accounting extension
 #define FLAG_NO_TSTAMP 4   // conntrack entry has no timestamp extension
 #define FLAG_FIRST_SIGHT 8 // a DESTROY for a flow the probe never saw before
+#define FLAG_NO_EVENTS 32  // no event-cache extension: ctnetlink will not report its end
 
 // Indexes of the per-CPU `stats` array (mirrored in record.py).
 #define STAT_RECORDS_LOST 0  // ring buffer full: record dropped
@@ -32,6 +34,12 @@
 #define SET_AGENT_START 1    // agent start, wall clock ns
 #define SET_STAMPED_SINCE_START 2  // 1 if every flow since the agent's start has a timestamp
 #define SET_COUNT 3
+
+#ifdef MODE_NETFILTER
+#define TRACK_UNEVENTED 1   // flow ends come from ctnetlink events
+#else
+#define TRACK_UNEVENTED 0   // flow ends come from the destroy hook
+#endif
 
 struct ct_tuple {
     u8 src[16];     // address, IPv4 in the first 4 bytes
@@ -190,6 +198,8 @@ static __always_inline int account(void *ct, int destroy) {
         bpf_probe_read_kernel(acct, sizeof(acct), (void *)(ext + ext_off[EXT_ACCT_ID] + ACCT_COUNTER));
     else
         flags |= FLAG_NO_ACCT;
+    if (!ext_off[EXT_ECACHE_ID])
+        flags |= FLAG_NO_EVENTS;
     if (ext_off[EXT_TSTAMP_ID])
         bpf_probe_read_kernel(tstamp, sizeof(tstamp), (void *)(ext + ext_off[EXT_TSTAMP_ID] + TSTAMP_START));
     else
@@ -205,28 +215,31 @@ static __always_inline int account(void *ct, int destroy) {
         if (backdated) {
             // An old flow seen for the first time: no NEW, and its first
             // UPDATE is spread over its interval so a restart on a busy
-            // host is not a burst.
+            // host is not a burst.  Its deltas count from now.
             u64 iv = update_interval(age);
             fresh.next_emit = now + (bpf_get_prandom_u32() % (iv / 1000000 + 1)) * 1000000;
             fresh.packets[0] = acct[0];
             fresh.bytes[0] = acct[1];
             fresh.packets[1] = acct[2];
             fresh.bytes[1] = acct[3];
-            if (flows.insert(&key, &fresh))
-                count(STAT_STATE_FULL);   // EEXIST from a racing CPU is rare
-            else
-                count(STAT_STATE_INSERTS);
-            return 0;
+            flags |= FLAG_BACKDATED;
+        } else {
+            fresh.next_emit = now + update_interval(age);
         }
-        fresh.next_emit = now + update_interval(age);
         int err = flows.insert(&key, &fresh);
-        if (err == -17)         // -EEXIST: another CPU saw it first
-            return 0;
         if (err) {
-            count(STAT_STATE_FULL);
+            if (err != -17)     // -EEXIST: another CPU saw it first
+                count(STAT_STATE_FULL);
             return 0;
         }
         count(STAT_STATE_INSERTS);
+        if (backdated) {
+            // In netfilter mode the agent must still learn of an old flow
+            // whose end ctnetlink will not report.
+            if (!TRACK_UNEVENTED || !(flags & FLAG_NO_EVENTS))
+                return 0;
+            kind = KIND_TRACK;
+        }
     }
 
     struct flow_record *r = records.ringbuf_reserve(sizeof(struct flow_record));
@@ -266,7 +279,7 @@ static __always_inline int account(void *ct, int destroy) {
         st->bytes[0] = acct[1];
         st->packets[1] = acct[2];
         st->bytes[1] = acct[3];
-    } else if (kind == KIND_NEW) {
+    } else if (kind == KIND_NEW && !(flags & FLAG_BACKDATED)) {
         struct flow_state *ins = flows.lookup(&key);
         if (ins) {
             ins->packets[0] = acct[0];

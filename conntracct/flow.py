@@ -15,7 +15,11 @@ FLAG_BACKDATED = 1    # the flow existed before the agent started
 FLAG_NO_ACCT = 2      # no accounting extension: counters are absent, not zero
 FLAG_NO_TSTAMP = 4    # no timestamp extension: start/stop unknown
 FLAG_FIRST_SIGHT = 8  # first seen at its end
-FLAG_END_LOST = 16    # its end event was lost (ENOBUFS); totals are the last seen
+FLAG_END_UNSEEN = 16  # no end event (predates the agent, or lost to ENOBUFS): totals are the last seen
+FLAG_NO_EVENTS = 32   # conntrack will send no event at its end (netfilter mode sweeps for it)
+FLAG_NAMES = {FLAG_BACKDATED: "backdated", FLAG_NO_ACCT: "no_acct", FLAG_NO_TSTAMP: "no_tstamp",
+              FLAG_FIRST_SIGHT: "first_sight", FLAG_END_UNSEEN: "end_unseen",
+              FLAG_NO_EVENTS: "no_events"}
 
 IPPROTO_NAMES = {1: "icmp", 6: "tcp", 17: "udp", 33: "dccp", 47: "gre", 58: "icmpv6",
                  132: "sctp", 136: "udplite"}

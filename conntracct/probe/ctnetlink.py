@@ -20,7 +20,8 @@ NFNLGRP_CONNTRACK_DESTROY = 3
 NFNL_SUBSYS_CTNETLINK = 1
 IPCTNL_MSG_CT_NEW, IPCTNL_MSG_CT_GET, IPCTNL_MSG_CT_DELETE = 0, 1, 2
 NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
+NLM_F_REQUEST, NLM_F_ACK, NLM_F_DUMP = 0x1, 0x4, 0x300
+NLA_F_NESTED = 0x8000
 
 # enum ctattr_type and its nested enums (include/uapi/linux/netfilter/nfnetlink_conntrack.h)
 CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_STATUS, CTA_PROTOINFO = 1, 2, 3, 4
@@ -250,6 +251,53 @@ def dump(family: int = socket.AF_UNSPEC) -> list[CtEntry]:
                 return out
     finally:
         sock.close()
+
+
+def _nla(kind: int, payload: bytes) -> bytes:
+    length = 4 + len(payload)
+    return _NLA.pack(length, kind) + payload + b"\0" * (-length % 4)
+
+
+def _tuple_attrs(family: int, t: CtTuple) -> bytes:
+    v6 = family == socket.AF_INET6
+    ip = (_nla(CTA_IP_V6_SRC if v6 else CTA_IP_V4_SRC, t.src)
+          + _nla(CTA_IP_V6_DST if v6 else CTA_IP_V4_DST, t.dst))
+    proto = _nla(CTA_PROTO_NUM, bytes([t.proto]))
+    if t.proto in (1, 58):
+        icmp_id, icmp_type, icmp_code = ((CTA_PROTO_ICMPV6_ID, CTA_PROTO_ICMPV6_TYPE, CTA_PROTO_ICMPV6_CODE)
+                                         if v6 else (CTA_PROTO_ICMP_ID, CTA_PROTO_ICMP_TYPE, CTA_PROTO_ICMP_CODE))
+        proto += (_nla(icmp_id, _U16BE.pack(t.src_u)) + _nla(icmp_type, bytes([t.dst_u >> 8]))
+                  + _nla(icmp_code, bytes([t.dst_u & 0xFF])))
+    else:
+        proto += _nla(CTA_PROTO_SRC_PORT, _U16BE.pack(t.src_u)) + _nla(CTA_PROTO_DST_PORT, _U16BE.pack(t.dst_u))
+    return _nla(CTA_TUPLE_IP | NLA_F_NESTED, ip) + _nla(CTA_TUPLE_PROTO | NLA_F_NESTED, proto)
+
+
+class Lookup:
+    """Asks the kernel whether single conntrack entries still exist."""
+
+    def __init__(self):
+        self._sock = _socket(1 << 20)
+        self._buf = bytearray(65536)
+        self._seq = 0
+
+    def exists(self, family: int, orig: CtTuple, zone: int = 0) -> bool:
+        self._seq += 1
+        body = _NFGENMSG.pack(family, 0, 0) + _nla(CTA_TUPLE_ORIG | NLA_F_NESTED, _tuple_attrs(family, orig))
+        if zone:
+            body += _nla(CTA_ZONE, _U16BE.pack(zone))
+        msg_type = (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET
+        self._sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + len(body), msg_type, NLM_F_REQUEST, self._seq, 0) + body)
+        n = self._sock.recv_into(self._buf)
+        try:
+            return any(True for _ in parse_messages(memoryview(self._buf), n, IPCTNL_MSG_CT_NEW))
+        except CtnetlinkError as e:
+            if e.errno == errno.ENOENT:
+                return False
+            raise
+
+    def close(self) -> None:
+        self._sock.close()
 
 
 def _dump_chunk(view: memoryview, n: int, out: list[CtEntry]) -> bool:

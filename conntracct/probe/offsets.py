@@ -31,6 +31,7 @@ _MEMBERS = [
 _ENUMS = [
     ("EXT_ACCT_ID", "nf_ct_ext_id", "NF_CT_EXT_ACCT"),
     ("EXT_TSTAMP_ID", "nf_ct_ext_id", "NF_CT_EXT_TSTAMP"),
+    ("EXT_ECACHE_ID", "nf_ct_ext_id", "NF_CT_EXT_ECACHE"),
     ("EXT_NUM", "nf_ct_ext_id", "NF_CT_EXT_NUM"),
     ("IPS_CONFIRMED_BIT", "ip_conntrack_status", "IPS_CONFIRMED_BIT"),
     ("IPS_DYING_BIT", "ip_conntrack_status", "IPS_DYING_BIT"),

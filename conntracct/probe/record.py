@@ -9,7 +9,7 @@ import socket
 import struct
 from dataclasses import replace
 
-from ..flow import DESTROY, FLAG_FIRST_SIGHT, ICMP_PROTOS, KINDS, NEW, FlowEvent, FlowTuple, flow_id
+from ..flow import DESTROY, FLAG_FIRST_SIGHT, ICMP_PROTOS, NEW, FlowEvent, FlowTuple, flow_id
 
 # struct ct_tuple: src[16], dst[16], src_u, dst_u (network order), family, proto, pad[2]
 TUPLE = struct.Struct("<16s16sHHBB2x")
@@ -27,8 +27,9 @@ FLOW_KEY = struct.Struct("<40sIH2x")
 # struct flow_state: first_seen, next_emit, packets[2], bytes[2]
 FLOW_STATE = struct.Struct("<QQ2Q2Q")
 
-KIND_CODES = {1: "new", 2: "update", 3: "destroy"}
-assert tuple(KIND_CODES.values()) == KINDS
+# "track" is agent-internal: a back-dated flow whose end must be swept for.
+TRACK = "track"
+KIND_CODES = {1: "new", 2: "update", 3: "destroy", 4: TRACK}
 
 # Indexes of the probe's per-CPU `stats` array.
 STAT_NAMES = ("records_lost", "state_full", "state_inserts", "state_deletes")
@@ -93,6 +94,12 @@ def decode(raw: bytes, wall_offset_ns: int) -> FlowEvent:
         start_ns=start, stop_ns=stop, ts_ns=ts + wall_offset_ns,
         zone=zone, mark=mark, netns=netns, status=status, tcp_state=tcp_state,
         flags=flags, icmp=icmp)
+
+
+def record_key(raw: bytes) -> bytes:
+    """The probe's state-map key (struct flow_key) of the flow a raw record is about."""
+    _, _, _, _, _, _, _, _, _, _, _, _, _, orig, _, netns, _, zone, *_ = RECORD.unpack_from(raw)
+    return FLOW_KEY.pack(orig, netns, zone)
 
 
 def first_sight_new(event: FlowEvent) -> FlowEvent | None:

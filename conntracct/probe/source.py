@@ -1,0 +1,206 @@
+"""The flow source: the attached probe, plus ctnetlink DESTROY events in
+`netfilter` mode, turned into one ordered stream of FlowEvents."""
+
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+
+from ..flow import (DESTROY, FLAG_END_UNSEEN, FLAG_FIRST_SIGHT, FLAG_NO_ACCT, FLAG_NO_EVENTS, FLAG_NO_TSTAMP,
+                    FlowEvent, FlowTuple, flow_id)
+from . import ctnetlink
+from .loader import Probe, ProbeSettings
+from .record import FLOW_KEY, TRACK, TUPLE, decode, decode_tuple, first_sight_new, pack_tuple, record_key
+
+log = logging.getLogger(__name__)
+
+_AF_NUMBER = {socket.AF_INET: 4, socket.AF_INET6: 6}
+
+
+def own_netns_inode() -> int:
+    return os.stat("/proc/self/ns/net").st_ino
+
+
+class FlowSource:
+    """Reads the probe (and ctnetlink) on one thread, so a flow's NEW always
+    precedes its DESTROY, and hands each FlowEvent to `emit`."""
+
+    def __init__(self, mode: str, settings: ProbeSettings, emit: Callable[[FlowEvent], None],
+                 stamped_since_start: bool, netlink_rcvbuf: int = 64 << 20,
+                 sweep_interval_s: float = 30.0):
+        self.mode = mode
+        self.sweep_interval_s = sweep_interval_s
+        # Flows conntrack will send no DESTROY event for (created before any
+        # listener existed): key -> (reply tuple, start).  Swept for their end.
+        self._unevented: dict[bytes, tuple[FlowTuple, int]] = {}
+        self._emit = emit
+        self.counts: Counter[str] = Counter()
+        self._netns = own_netns_inode()
+        # ctnetlink first: a flow ending between attach and subscribe would leak state.
+        self._destroys = ctnetlink.DestroyEvents(netlink_rcvbuf) if mode == "netfilter" else None
+        try:
+            self.probe = Probe(mode, settings, self._on_record, stamped_since_start)
+        except Exception:
+            if self._destroys:
+                self._destroys.close()
+            raise
+        self._overruns_seen = 0
+        self._lookup = ctnetlink.Lookup() if self._destroys else None
+
+    # -- records from the probe ---------------------------------------------
+    def _on_record(self, raw: bytes) -> None:
+        try:
+            event = decode(raw, self.probe.wall_offset_ns)
+        except (ValueError, KeyError) as e:
+            self.counts["decode_errors"] += 1
+            log.debug("undecodable record: %s", e)
+            return
+        if event.flags & FLAG_NO_EVENTS and self._destroys and event.kind != DESTROY:
+            self._unevented[record_key(raw)] = (event.reply, event.start_ns)
+        if event.kind != TRACK:
+            self._deliver(event)
+
+    def _deliver(self, event: FlowEvent) -> None:
+        new = first_sight_new(event)
+        if new is not None:
+            self.counts["received_new"] += 1
+            self._emit(new)
+        self.counts["received_" + event.kind] += 1
+        self._emit(event)
+
+    # -- DESTROY events from ctnetlink (netfilter mode) ---------------------------
+    def _on_destroys(self) -> None:
+        entries = self._destroys.read()
+        # Records already in the ring (e.g. a flow's NEW) go out before its DESTROY.
+        self.probe.consume()
+        for entry in entries:
+            event = self._destroy_event(entry)
+            if event is not None:
+                self._deliver(event)
+        if self._destroys.overruns != self._overruns_seen:
+            self.counts["ctnetlink_overruns"] += self._destroys.overruns - self._overruns_seen
+            self._overruns_seen = self._destroys.overruns
+            self._recover_lost_ends()
+
+    def _destroy_event(self, e: ctnetlink.CtEntry) -> FlowEvent | None:
+        if e.family not in _AF_NUMBER:
+            return None
+        o, r = e.orig, e.reply
+        orig_raw = pack_tuple(e.family, o.proto, o.src, o.dst, o.src_u, o.dst_u)
+        orig, family, proto, icmp = decode_tuple(orig_raw)
+        reply = decode_tuple(pack_tuple(e.family, r.proto, r.src, r.dst, r.src_u, r.dst_u))[0]
+        key = FLOW_KEY.pack(orig_raw, self._netns, e.zone)
+        self._unevented.pop(key, None)
+        state = self.probe.take_flow_state(key)
+        flags = 0 if e.counters else FLAG_NO_ACCT
+        flags |= 0 if e.start_ns else FLAG_NO_TSTAMP
+        if state is None:
+            flags |= FLAG_FIRST_SIGHT
+            first_seen, last = 0, (0, 0, 0, 0)
+        else:
+            self.counts["state_deletes"] += 1
+            first_seen = state[0]
+            last = (state[2], state[4], state[3], state[5])   # pkts_o, bytes_o, pkts_r, bytes_r
+        po, bo, pr, br = e.counters or (0, 0, 0, 0)
+        return FlowEvent(
+            kind=DESTROY, flow_id=flow_id(orig_raw, e.zone, self._netns, e.start_ns or first_seen),
+            family=family, proto=proto, orig=orig, reply=reply,
+            packets_orig=po, bytes_orig=bo, packets_reply=pr, bytes_reply=br,
+            delta_packets_orig=po - last[0], delta_bytes_orig=bo - last[1],
+            delta_packets_reply=pr - last[2], delta_bytes_reply=br - last[3],
+            start_ns=e.start_ns, stop_ns=e.stop_ns, ts_ns=e.stop_ns or time.time_ns(),
+            zone=e.zone, mark=e.mark, netns=self._netns, status=e.status,
+            tcp_state=e.tcp_state, flags=flags, icmp=icmp)
+
+    def _recover_lost_ends(self) -> None:
+        """After ENOBUFS some DESTROY events are gone: flows the probe tracks
+        that the table no longer holds ended unseen."""
+        live = set()
+        for e in ctnetlink.dump():
+            o = e.orig
+            live.add(FLOW_KEY.pack(pack_tuple(e.family, o.proto, o.src, o.dst, o.src_u, o.dst_u),
+                                   self._netns, e.zone))
+        for key in [bytes(k) for k in self.probe.bpf["flows"].keys()]:
+            if key not in live:
+                self._end_unseen(key)
+
+    def sweep(self) -> None:
+        """Report the end of flows conntrack sends no event for, once they are gone."""
+        for key in list(self._unevented):
+            orig_raw, _, zone = FLOW_KEY.unpack(key)
+            src, dst, src_u, dst_u, family, proto = TUPLE.unpack(orig_raw)
+            width = 4 if family == socket.AF_INET else 16
+            orig = ctnetlink.CtTuple(src[:width], dst[:width], proto,
+                                     ((src_u & 0xFF) << 8) | (src_u >> 8), ((dst_u & 0xFF) << 8) | (dst_u >> 8))
+            if not self._lookup.exists(family, orig, zone):
+                self._end_unseen(key)
+
+    def _end_unseen(self, key: bytes) -> None:
+        """A DESTROY for a tracked flow whose end event never came: the last
+        totals the probe saw, flagged end_unseen; its kernel state is freed."""
+        reply, start_ns = self._unevented.pop(key, (None, 0))
+        state = self.probe.take_flow_state(key)
+        if state is None:
+            return
+        orig_raw, netns, zone = FLOW_KEY.unpack(key)
+        orig, family, proto, icmp = decode_tuple(orig_raw)
+        first_seen, _, po, pr, bo, br = state
+        self.counts["ends_unseen"] += 1
+        self._deliver(FlowEvent(
+            kind=DESTROY, flow_id=flow_id(orig_raw, zone, netns, start_ns or first_seen),
+            family=family, proto=proto, orig=orig,
+            reply=reply or FlowTuple(orig.dst, orig.src, orig.dport, orig.sport),
+            packets_orig=po, bytes_orig=bo, packets_reply=pr, bytes_reply=br,
+            delta_packets_orig=0, delta_bytes_orig=0, delta_packets_reply=0, delta_bytes_reply=0,
+            start_ns=start_ns, stop_ns=0, ts_ns=time.time_ns(), zone=zone, netns=netns,
+            flags=FLAG_END_UNSEEN | (0 if start_ns else FLAG_NO_TSTAMP), icmp=icmp))
+
+    # -- the reader loop -----------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        """Read until `stop` is set; never blocks on sinks (emit must not block)."""
+        poller = select.epoll()
+        poller.register(self.probe.ring_fd, select.EPOLLIN)
+        if self._destroys:
+            poller.register(self._destroys.fileno(), select.EPOLLIN)
+        next_sweep = time.monotonic() + self.sweep_interval_s
+        try:
+            while not stop.is_set():
+                ready = poller.poll(0.1)
+                self.probe.consume()
+                if self._destroys and any(fd == self._destroys.fileno() for fd, _ in ready):
+                    self._on_destroys()
+                if self._unevented and time.monotonic() >= next_sweep:
+                    self.sweep()
+                    next_sweep = time.monotonic() + self.sweep_interval_s
+            self.drain()
+        finally:
+            poller.close()
+
+    def drain(self) -> None:
+        """Deliver whatever the kernel has queued now."""
+        self.probe.consume()
+        if self._destroys:
+            self._on_destroys()
+
+    def stats(self) -> dict[str, int]:
+        out = dict(self.counts)
+        out.update({"probe_" + k: v for k, v in self.probe.stats().items()})
+        if self._destroys:
+            out["ctnetlink_overruns"] = self._destroys.overruns
+            out["flows_without_end_events"] = len(self._unevented)
+        return out
+
+    def close(self) -> None:
+        self.probe.close()
+        if self._destroys:
+            self._destroys.close()
+            self._lookup.close()
+
+
+

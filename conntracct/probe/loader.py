@@ -46,25 +46,34 @@ def rate_curve_macro(curve: list[tuple[int, int]], final_ns: int) -> str:
     return f"RATE_CURVE(age)={expr}"
 
 
+def destroy_func() -> str:
+    """The conntrack destructor this kernel has (named by /proc/kallsyms)."""
+    from bcc import BPF
+    for name in DESTROY_FUNCS:
+        if BPF.ksymname(name) != -1:
+            return name
+    raise ProbeError(f"none of the conntrack destructors {DESTROY_FUNCS} is in /proc/kallsyms")
+
+
 def wall_offset_ns() -> int:
     """Wall clock minus CLOCK_MONOTONIC (bpf_ktime_get_ns), in ns."""
     return time.time_ns() - time.monotonic_ns()
 
 
-def cflags(mode: str, settings: ProbeSettings, destroy_func: str = DESTROY_FUNCS[0]) -> list[str]:
+def cflags(mode: str, settings: ProbeSettings, destroy: str = DESTROY_FUNCS[0]) -> list[str]:
     offsets = kernel_offsets(kernel_btf())
     flags = [f"-D{name}={value}" for name, value in sorted(offsets.items())]
     flags += [f"-DMODE_{mode.upper()}", f"-DMAX_FLOWS={settings.max_flows}",
-              f"-DRINGBUF_PAGES={settings.ringbuf_pages}", f"-DDESTROY_FUNC={destroy_func}",
+              f"-DRINGBUF_PAGES={settings.ringbuf_pages}", f"-DDESTROY_FUNC={destroy}",
               "-D" + rate_curve_macro(settings.rate_curve, settings.final_interval_ns)]
     return flags
 
 
-def compile_probe(mode: str, settings: ProbeSettings, destroy_func: str = DESTROY_FUNCS[0]):
+def compile_probe(mode: str, settings: ProbeSettings, destroy: str = DESTROY_FUNCS[0]):
     """BCC-compile the probe for one mode (fentry programs attach on load)."""
     from bcc import BPF
     try:
-        return BPF(src_file=str(PROBE_SOURCE).encode(), cflags=cflags(mode, settings, destroy_func))
+        return BPF(src_file=str(PROBE_SOURCE).encode(), cflags=cflags(mode, settings, destroy))
     except Exception as e:   # BCC raises bare Exception for compile and attach failures
         raise ProbeError(f"{mode} probe: {e}") from None
 
@@ -79,11 +88,11 @@ class Probe:
         self._links: list[int] = []
         self.wall_offset_ns = wall_offset_ns()
         self.bpf = None
-        destroy_func = self._destroy_func() if mode != "netfilter" else DESTROY_FUNCS[0]
-        self.bpf = compile_probe(mode, settings, destroy_func)
+        destroy = destroy_func() if mode != "netfilter" else DESTROY_FUNCS[0]
+        self.bpf = compile_probe(mode, settings, destroy)
         try:
             self._configure(stamped_since_start)
-            self._attach(destroy_func)
+            self._attach(destroy)
             self._records = self.bpf["records"]
             self._records.open_ring_buffer(self._callback_for(on_record))
         except Exception:
@@ -95,21 +104,13 @@ class Probe:
         self._taker = bpfsys.MapEntryTaker(flows.map_fd, FLOW_KEY.size, FLOW_STATE.size)
 
     # -- set-up ---------------------------------------------------------------
-    @staticmethod
-    def _destroy_func() -> str:
-        from bcc import BPF
-        for name in DESTROY_FUNCS:
-            if BPF.ksymname(name) != -1:
-                return name
-        raise ProbeError(f"none of the conntrack destructors {DESTROY_FUNCS} is in /proc/kallsyms")
-
     def _configure(self, stamped_since_start: bool) -> None:
         settings = self.bpf["settings"]
         settings[ctypes.c_int(SET_WALL_OFFSET)] = ctypes.c_uint64(self.wall_offset_ns)
         settings[ctypes.c_int(SET_AGENT_START)] = ctypes.c_uint64(time.time_ns())
         settings[ctypes.c_int(SET_STAMPED_SINCE_START)] = ctypes.c_uint64(int(stamped_since_start))
 
-    def _attach(self, destroy_func: str) -> None:
+    def _attach(self, destroy: str) -> None:
         b = self.bpf
         try:
             if self.mode == "netfilter":
@@ -120,7 +121,7 @@ class Probe:
             elif self.mode == "kprobe":
                 b.attach_kprobe(event=REFRESH_FUNC, fn_name=b"refresh_enter")
                 b.attach_kretprobe(event=REFRESH_FUNC, fn_name=b"refresh_return")
-                b.attach_kprobe(event=destroy_func, fn_name=b"flow_destroy")
+                b.attach_kprobe(event=destroy, fn_name=b"flow_destroy")
             # fentry programs were attached by BCC when it loaded them.
         except Exception as e:
             raise ProbeError(f"{self.mode} probe: attach failed: {e}") from None

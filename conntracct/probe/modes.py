@@ -1,0 +1,191 @@
+"""What this kernel allows, found by trying: each attach mode is detected by
+loading and attaching a tiny program, never by asking (BCC's
+support_kfunc() says yes on kernels where fentry fails with EPERM)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import bpfsys
+from .btf import BTFError, kernel_btf
+from .loader import MODES, REFRESH_FUNC, destroy_func
+from .offsets import kernel_offsets
+
+# Cheapest per packet first.
+AUTO_ORDER = MODES
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    detail: str
+
+
+@contextlib.contextmanager
+def quiet_stderr():
+    """Keep libbcc/libbpf's own messages (written to fd 2) out of our output."""
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def _quiet_bpf(text: str):
+    from bcc import BPF
+    with quiet_stderr():
+        return BPF(text=text)
+
+
+def _first_line(e: BaseException) -> str:
+    text = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+    if "super-user" in text and os.geteuid() == 0:
+        # BCC's words for any EPERM; as root that is the kernel's refusal.
+        lockdown = Path("/sys/kernel/security/lockdown")
+        mode = lockdown.read_text().strip() if lockdown.exists() else "unknown"
+        text = f"the kernel refused to load it (EPERM) although running as root; lockdown: {mode}"
+    return text
+
+
+def check_privileges() -> Check:
+    if os.geteuid() == 0:
+        return Check("privileges", True, "running as root")
+    return Check("privileges", False, "not root: loading BPF programs needs root "
+                                      "(or CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_ADMIN)")
+
+
+def check_bcc() -> Check:
+    try:
+        import bcc
+    except ImportError:
+        return Check("bcc", False, "python3 module 'bcc' not found: install Debian's python3-bpfcc "
+                                   "(./tasks.py setup does), and run from a venv with system site packages")
+    return Check("bcc", True, f"BCC {getattr(bcc, '__version__', '?')}")
+
+
+def header_tree() -> Path:
+    return Path("/lib/modules") / platform.release() / "build"
+
+
+def check_headers() -> Check:
+    tree = header_tree()
+    if (tree / "include").is_dir():
+        return Check("header tree", True, f"{tree} -> {tree.resolve()}")
+    return Check("header tree", False,
+                 f"{tree} is missing: BCC needs a kernel header tree. Install linux-headers-amd64 and link it "
+                 "(./tasks.py setup does both); struct layouts still come from BTF")
+
+
+def check_btf() -> Check:
+    try:
+        btf = kernel_btf()
+        kernel_offsets(btf)
+    except BTFError as e:
+        return Check("btf", False, f"{e}: the probe reads kernel structs at offsets from BTF "
+                                   "(CONFIG_DEBUG_INFO_BTF=y, /sys/kernel/btf/vmlinux)")
+    modular = Path("/sys/kernel/btf/nf_conntrack").exists()
+    return Check("btf", True, "/sys/kernel/btf/vmlinux" + (" + nf_conntrack (split)" if modular else "")
+                 + ": conntrack offsets resolved")
+
+
+def try_fentry() -> Check:
+    """fexit on the refresh function and fentry on the destructor."""
+    if Path("/sys/kernel/btf/nf_conntrack").exists():
+        # BCC 0.26 resolves fentry targets in vmlinux BTF only.
+        return Check("fentry", False, "nf_conntrack is a module: this BCC cannot attach fentry/fexit to "
+                                      "module functions (needs a newer BCC)")
+    try:
+        destroy = destroy_func()
+        b = _quiet_bpf(f"KRETFUNC_PROBE({REFRESH_FUNC}, void *ct) {{ return 0; }}\n"
+                       f"KFUNC_PROBE({destroy}, void *ct) {{ return 0; }}\n")
+        b.cleanup()
+    except Exception as e:
+        return Check("fentry", False, f"fentry/fexit on {REFRESH_FUNC}: {_first_line(e)}")
+    return Check("fentry", True, f"fexit {REFRESH_FUNC} + fentry {destroy} attach")
+
+
+def try_kprobe() -> Check:
+    try:
+        b = _quiet_bpf("int probe(void *ctx) { return 0; }")
+        try:
+            with quiet_stderr():
+                b.attach_kprobe(event=REFRESH_FUNC, fn_name=b"probe")
+        finally:
+            b.cleanup()
+    except Exception as e:
+        reason = _first_line(e)
+        if not Path("/sys/kernel/tracing/kprobe_events").exists() and \
+                not Path("/sys/kernel/debug/tracing/kprobe_events").exists():
+            reason += " (no kprobe_events: kernel built without CONFIG_KPROBES?)"
+        return Check("kprobe", False, f"kprobe on {REFRESH_FUNC}: {reason}")
+    return Check("kprobe", True, f"kprobe on {REFRESH_FUNC} attaches")
+
+
+def try_netfilter() -> Check:
+    try:
+        b = _quiet_bpf("int probe(void *ctx) { return 1; }")
+        try:
+            fn = b.load_func(b"probe", bpfsys.BPF_PROG_TYPE_NETFILTER, attach_type=bpfsys.BPF_NETFILTER)
+            family, hook = bpfsys.PROBE_HOOKS[0]
+            os.close(bpfsys.link_netfilter(fn.fd, family, hook))
+        finally:
+            b.cleanup()
+    except Exception as e:
+        return Check("netfilter", False, f"BPF netfilter link: {_first_line(e)} (needs Linux 6.4+)")
+    return Check("netfilter", True, "BPF_PROG_TYPE_NETFILTER links attach (this network namespace)")
+
+
+def check_ctnetlink() -> Check:
+    from .ctnetlink import CtnetlinkError, DestroyEvents
+    try:
+        DestroyEvents(1 << 20).close()
+    except (CtnetlinkError, OSError) as e:
+        return Check("ctnetlink events", False, f"{e} (netfilter mode needs conntrack DESTROY events)")
+    return Check("ctnetlink events", True, "DESTROY event group joined")
+
+
+MODE_TRIES = {"fentry": try_fentry, "kprobe": try_kprobe, "netfilter": try_netfilter}
+
+
+def prerequisites() -> list[Check]:
+    """Checks that every mode needs; the probe cannot start if one fails."""
+    checks = [check_privileges(), check_bcc()]
+    if checks[1].ok:
+        checks.append(check_headers())
+    checks.append(check_btf())
+    return checks
+
+
+def choose_mode(requested: str = "auto") -> tuple[str | None, list[Check], str]:
+    """(mode or None, the checks made, why).  `auto` takes the first mode of
+    AUTO_ORDER that attaches; a forced mode is only checked."""
+    checks = prerequisites()
+    failed = [c for c in checks if not c.ok]
+    if failed:
+        return None, checks, "; ".join(f"{c.name}: {c.detail}" for c in failed)
+    candidates = AUTO_ORDER if requested == "auto" else (requested,)
+    for mode in candidates:
+        check = MODE_TRIES[mode]()
+        checks.append(check)
+        if check.ok and mode == "netfilter":
+            events = check_ctnetlink()
+            checks.append(events)
+            if not events.ok:
+                continue
+        if check.ok:
+            skipped = [c.name for c in checks if c.name in MODES and not c.ok]
+            why = f"{mode}: " + check.detail
+            if requested == "auto" and skipped:
+                why += f" (tried first: {', '.join(skipped)})"
+            return mode, checks, why
+    return None, checks, "no attach mode works here: " + "; ".join(
+        f"{c.name}: {c.detail}" for c in checks if c.name in MODES or c.name == "ctnetlink events")

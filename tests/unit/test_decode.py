@@ -1,0 +1,128 @@
+"""Decoding probe records and ctnetlink messages into flows."""
+
+import socket
+import struct
+import subprocess
+
+import pytest
+
+from conntracct.flow import DESTROY, FLAG_FIRST_SIGHT, NEW, flow_id
+from conntracct.probe import ctnetlink
+from conntracct.probe.loader import rate_curve_macro
+from conntracct.probe.record import RECORD, decode, decode_tuple, first_sight_new, pack_tuple, record_key
+
+V4_A, V4_B, V4_NAT = (socket.inet_pton(socket.AF_INET, a) for a in ("192.0.2.2", "198.51.100.2", "198.51.100.1"))
+V6_A, V6_B = (socket.inet_pton(socket.AF_INET6, a) for a in ("2001:db8:1::2", "2001:db8:2::2"))
+
+
+def raw_record(orig, reply, kind=1, flags=0, start=1_700_000_000_000_000_000, zone=0, netns=4026531840):
+    return RECORD.pack(5_000, start, 0, 4_000, 3, 2, 180, 120, 3, 2, 180, 120, 0x18e,
+                       orig, reply, netns, 7, zone, kind, 3, flags)
+
+
+def test_ipv4_tcp_record_with_nat():
+    orig = pack_tuple(socket.AF_INET, 6, V4_A, V4_B, 40000, 80)
+    reply = pack_tuple(socket.AF_INET, 6, V4_B, V4_NAT, 80, 40000)
+    e = decode(raw_record(orig, reply), wall_offset_ns=1_000)
+    assert (e.kind, e.family, e.proto, e.proto_name) == (NEW, 4, 6, "tcp")
+    assert e.orig == ("192.0.2.2", "198.51.100.2", 40000, 80)
+    assert e.reply == ("198.51.100.2", "198.51.100.1", 80, 40000)
+    assert e.nat
+    assert (e.packets_orig, e.packets_reply, e.bytes_orig, e.bytes_reply) == (3, 2, 180, 120)
+    assert (e.mark, e.tcp_state_name, e.ts_ns) == (7, "established", 6_000)
+    assert e.icmp is None
+
+
+def test_ipv6_record_is_family_aware():
+    orig = pack_tuple(socket.AF_INET6, 17, V6_A, V6_B, 5353, 53)
+    reply = pack_tuple(socket.AF_INET6, 17, V6_B, V6_A, 53, 5353)
+    e = decode(raw_record(orig, reply), 0)
+    assert (e.family, e.proto_name) == (6, "udp")
+    assert e.orig == ("2001:db8:1::2", "2001:db8:2::2", 5353, 53)
+    assert not e.nat
+    assert e.tcp_state_name == ""
+
+
+def test_icmp_tuple_carries_type_code_id():
+    orig = pack_tuple(socket.AF_INET, 1, V4_A, V4_B, 0x1234, (8 << 8) | 0)
+    tup, family, proto, icmp = decode_tuple(orig)
+    assert (family, proto, icmp) == (4, 1, (8, 0, 0x1234))
+    assert tup.sport == tup.dport == 0
+    # The kernel's layout: id in network order, then type and code bytes.
+    assert orig[32:36] == b"\x12\x34\x08\x00"
+
+
+def test_unknown_family_is_an_error():
+    bad = bytearray(pack_tuple(socket.AF_INET, 6, V4_A, V4_B, 1, 2))
+    bad[36] = 99
+    with pytest.raises(ValueError, match="family 99"):
+        decode_tuple(bytes(bad))
+
+
+def test_flow_id_is_stable_and_distinguishes_flows():
+    orig = pack_tuple(socket.AF_INET, 6, V4_A, V4_B, 40000, 80)
+    a = decode(raw_record(orig, orig), 0).flow_id
+    assert a == flow_id(orig, 0, 4026531840, 1_700_000_000_000_000_000)
+    assert a == decode(raw_record(orig, orig, kind=3), 0).flow_id   # same flow, later record
+    assert a != decode(raw_record(orig, orig, zone=1), 0).flow_id
+    assert a != decode(raw_record(orig, orig, start=1_700_000_000_000_000_001), 0).flow_id
+    assert 0 <= a < 2**63
+
+
+def test_record_key_is_tuple_netns_zone():
+    orig = pack_tuple(socket.AF_INET, 6, V4_A, V4_B, 40000, 80)
+    key = record_key(raw_record(orig, orig, zone=3))
+    assert key == orig + struct.pack("<IH2x", 4026531840, 3)
+
+
+def test_first_sight_destroy_gets_a_new_first():
+    orig = pack_tuple(socket.AF_INET, 17, V4_A, V4_B, 1, 2)
+    e = decode(raw_record(orig, orig, kind=3, flags=FLAG_FIRST_SIGHT), 0)
+    new = first_sight_new(e)
+    assert new.kind == NEW and e.kind == DESTROY and new.flow_id == e.flow_id
+    assert first_sight_new(decode(raw_record(orig, orig, kind=3), 0)) is None
+
+
+@pytest.mark.parametrize("family,src,dst,proto,src_u,dst_u", [
+    (socket.AF_INET, V4_A, V4_B, 6, 40000, 443),
+    (socket.AF_INET6, V6_A, V6_B, 58, 77, (128 << 8) | 0),
+    (socket.AF_INET, V4_A, V4_B, 1, 4242, (8 << 8) | 0),
+])
+def test_ctnetlink_tuple_roundtrip(family, src, dst, proto, src_u, dst_u):
+    """A tuple encoded as ctnetlink attributes parses back to the same tuple."""
+    t = ctnetlink.CtTuple(src, dst, proto, src_u, dst_u)
+    body = ctnetlink._nla(ctnetlink.CTA_TUPLE_ORIG | ctnetlink.NLA_F_NESTED, ctnetlink._tuple_attrs(family, t))
+    body += ctnetlink._nla(ctnetlink.CTA_COUNTERS_ORIG | ctnetlink.NLA_F_NESTED,
+                           ctnetlink._nla(1, struct.pack(">Q", 5)) + ctnetlink._nla(2, struct.pack(">Q", 900)))
+    body += ctnetlink._nla(ctnetlink.CTA_COUNTERS_REPLY | ctnetlink.NLA_F_NESTED,
+                           ctnetlink._nla(1, struct.pack(">Q", 4)) + ctnetlink._nla(2, struct.pack(">Q", 300)))
+    body += ctnetlink._nla(ctnetlink.CTA_ZONE, struct.pack(">H", 9))
+    hdr = struct.pack("=IHHII", 16 + 4 + len(body), (1 << 8) | 2, 0, 0, 0) + struct.pack("=BBH", family, 0, 0)
+    msg = hdr + body
+    [entry] = list(ctnetlink.parse_messages(memoryview(msg), len(msg), ctnetlink.IPCTNL_MSG_CT_DELETE))
+    assert entry.orig == t
+    assert (entry.family, entry.zone, entry.counters) == (family, 9, (5, 900, 4, 300))
+    # ...and packs to the same probe tuple bytes the kernel side would produce.
+    assert pack_tuple(family, entry.orig.proto, entry.orig.src, entry.orig.dst, entry.orig.src_u,
+                      entry.orig.dst_u) == pack_tuple(family, proto, src, dst, src_u, dst_u)
+
+
+def test_netlink_error_message_raises():
+    msg = struct.pack("=IHHII", 36, 2, 0, 0, 0) + struct.pack("=i", -2) + b"\0" * 16
+    with pytest.raises(ctnetlink.CtnetlinkError) as err:
+        list(ctnetlink.parse_messages(memoryview(msg), len(msg), 0))
+    assert err.value.errno == 2
+
+
+def test_rate_curve_macro_in_c(tmp_path):
+    """The generated RATE_CURVE macro, compiled as C, gives the curve's intervals."""
+    s = 1_000_000_000
+    macro = rate_curve_macro([(60 * s, 20 * s), (300 * s, 60 * s)], 300 * s)
+    name, expr = macro.split("=", 1)
+    src = tmp_path / "curve.c"
+    src.write_text("#include <stdio.h>\n#define %s %s\nint main(void){unsigned long long a[]={0,%dULL,%dULL,"
+                   "%dULL,%dULL,%dULL};for(int i=0;i<6;i++)printf(\"%%llu\\n\",RATE_CURVE(a[i]));}\n"
+                   % (name, expr, 59 * s, 60 * s, 299 * s, 300 * s, 3600 * s))
+    subprocess.run(["gcc", "-o", str(tmp_path / "curve"), str(src)], check=True)
+    out = subprocess.run([str(tmp_path / "curve")], capture_output=True, text=True).stdout.split()
+    assert [int(v) // s for v in out] == [20, 20, 60, 60, 300, 300]

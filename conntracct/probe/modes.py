@@ -51,8 +51,9 @@ def _first_line(e: BaseException) -> str:
     if "super-user" in text and os.geteuid() == 0:
         # BCC's words for any EPERM; as root that is the kernel's refusal.
         lockdown = Path("/sys/kernel/security/lockdown")
-        mode = lockdown.read_text().strip() if lockdown.exists() else "unknown"
-        text = f"the kernel refused to load it (EPERM) although running as root; lockdown: {mode}"
+        why = (f"lockdown: {lockdown.read_text().strip()}" if lockdown.exists()
+               else "kernel lockdown or no BPF trampolines?")
+        text = f"the kernel refused to load it (EPERM) although running as root ({why})"
     return text
 
 

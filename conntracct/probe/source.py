@@ -12,8 +12,17 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
-from ..flow import (DESTROY, FLAG_END_UNSEEN, FLAG_FIRST_SIGHT, FLAG_NO_ACCT, FLAG_NO_EVENTS, FLAG_NO_TSTAMP,
-                    FlowEvent, FlowTuple, flow_id)
+from ..flow import (
+    DESTROY,
+    FLAG_END_UNSEEN,
+    FLAG_FIRST_SIGHT,
+    FLAG_NO_ACCT,
+    FLAG_NO_EVENTS,
+    FLAG_NO_TSTAMP,
+    FlowEvent,
+    FlowTuple,
+    flow_id,
+)
 from . import ctnetlink
 from .loader import Probe, ProbeSettings
 from .record import FLOW_KEY, TRACK, TUPLE, decode, decode_tuple, first_sight_new, pack_tuple, record_key

@@ -1,0 +1,118 @@
+"""The running agent: probe -> enrichment -> pipeline -> sinks, until a signal."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import time
+
+from . import sysctl
+from .config import Config
+from .enrich import Enricher
+from .flow import FlowEvent
+from .pipeline import Pipeline
+from .probe.loader import ProbeError, ProbeSettings
+from .probe.modes import choose_mode
+from .probe.source import FlowSource
+from .selfmetrics import Stats
+
+log = logging.getLogger("conntracct")
+
+
+class EnvironmentProblem(Exception):
+    """The host cannot run the agent as configured; the message says how to fix it."""
+
+
+def probe_settings(config: Config) -> ProbeSettings:
+    curve, final = config.probe.rate_curve_ns()
+    return ProbeSettings(rate_curve=curve, final_interval_ns=final,
+                         max_flows=config.probe.max_flows, ringbuf_pages=config.probe.ringbuf_pages)
+
+
+class Agent:
+    def __init__(self, config: Config):
+        self.config = config
+        self.stats = Stats()
+        self.stop = threading.Event()
+        self.source: FlowSource | None = None
+        self.pipeline: Pipeline | None = None
+        self._sysctls = sysctl.ConntrackSysctls()
+
+    def snapshot(self) -> dict:
+        """Every stage's counters: the probe's, enrichment's and each sink's."""
+        out = self.stats.snapshot()
+        if self.source is not None:
+            out["probe"] = self.source.stats()
+        return out
+
+    def _start(self) -> None:
+        cfg = self.config
+        mode, _checks, why = choose_mode(cfg.probe.mode)
+        if mode is None:
+            raise EnvironmentProblem(
+                f"conntracct cannot attach its probe (probe.mode: {cfg.probe.mode}): {why}. "
+                "Run `conntracct check` for the full table; as root on a fresh Debian host, "
+                "`./tasks.py setup` installs BCC and a kernel header tree.")
+        log.info("probe mode %s (%s)", mode, why)
+        if cfg.sysctl.manage:
+            try:
+                self._sysctls.enable()
+            except sysctl.SysctlError as e:
+                raise EnvironmentProblem(f"{e}. Run as root in the network namespace to account, "
+                                         "or set sysctl.manage: false and set the sysctls yourself.") from None
+        elif sysctl.read(sysctl.ACCT) != 1:
+            log.warning("net.netfilter.nf_conntrack_acct is off and sysctl.manage is false: "
+                        "flows will carry no counters")
+        stamped = sysctl.read(sysctl.TIMESTAMP) == 1
+        self.pipeline = Pipeline.from_config(cfg.sinks, self.stats)
+        enrich = Enricher(cfg.enrich, self.stats.stage("enrich"))
+        offer = self.pipeline.offer
+
+        def emit(event: FlowEvent) -> None:
+            enriched = enrich(event)
+            if enriched is not None:
+                offer(enriched)
+
+        self.pipeline.start()
+        try:
+            self.source = FlowSource(mode, probe_settings(cfg), emit, stamped,
+                                     netlink_rcvbuf=int(cfg.probe.netlink_rcvbuf))
+        except ProbeError as e:
+            self.pipeline.close(0)
+            raise EnvironmentProblem(f"{e}. `conntracct check` shows what this kernel allows.") from None
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT (or self.stop); drain, flush, exit status 0."""
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: self.stop.set())
+        try:
+            self._start()
+        except EnvironmentProblem:
+            if self.config.sysctl.manage and self.config.sysctl.restore:
+                self._sysctls.restore()
+            raise
+        reader = threading.Thread(target=self.source.run, args=(self.stop,), name="flow-reader", daemon=True)
+        reader.start()
+        log.info("conntracct running: config %s, sinks %s", self.config.source,
+                 ", ".join(s.name for s in self.config.sinks))
+        while not self.stop.wait(1.0):
+            if not reader.is_alive():
+                log.error("flow reader stopped unexpectedly; shutting down")
+                break
+        self.stop.set()
+        return self._shutdown(reader)
+
+    def _shutdown(self, reader: threading.Thread) -> int:
+        started = time.monotonic()
+        deadline = self.config.shutdown.drain_timeout
+        reader.join(deadline)
+        summary = self.snapshot()
+        self.source.close()
+        self.pipeline.close(max(0.0, deadline - (time.monotonic() - started)))
+        if self.config.sysctl.manage and self.config.sysctl.restore:
+            self._sysctls.restore()
+        log.info("conntracct stopped: probe %s", summary.get("probe"))
+        for name, sink in self.stats.snapshot()["sinks"].items():
+            log.info("sink %s: %s", name, sink)
+        return 0

@@ -1,0 +1,74 @@
+"""The command line: conntracct run | check | version."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from . import __version__
+from .config import ConfigError, load_config
+
+MODES = ("auto", "fentry", "kprobe", "netfilter")
+EXIT_USAGE = 2   # bad configuration or an environment that cannot run the agent
+
+
+def fail(message: str) -> None:
+    click.echo(f"conntracct: {message}", err=True)
+    sys.exit(EXIT_USAGE)
+
+
+def configured(path: str | None, mode: str | None):
+    try:
+        config = load_config(path)
+    except ConfigError as e:
+        fail(str(e))
+    if mode:
+        config.probe.mode = mode
+    return config
+
+
+config_option = click.option("-c", "--config", "config_path", metavar="PATH",
+                             help="YAML configuration (default: $HOME/.config/conntracct.yml, then "
+                                  "/etc/conntracct/conntracct.yml, else a built-in stdout sink)")
+mode_option = click.option("--mode", type=click.Choice(MODES), help="override probe.mode")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """conntracct: per-flow packet and byte accounting from the kernel's
+    conntrack counters, read by an eBPF probe and sent to sinks."""
+
+
+@main.command()
+@config_option
+@mode_option
+def run(config_path: str | None, mode: str | None) -> None:
+    """Run the agent until SIGINT/SIGTERM, then drain the sinks and exit 0."""
+    from .agent import Agent, EnvironmentProblem
+    config = configured(config_path, mode)
+    logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        sys.exit(Agent(config).run())
+    except EnvironmentProblem as e:
+        fail(str(e))
+
+
+@main.command()
+@config_option
+@mode_option
+def check(config_path: str | None, mode: str | None) -> None:
+    """Show what this kernel allows and which attach mode `auto` picks, and why."""
+    from .check import report
+    config = configured(config_path, mode)
+    text, usable = report(config.probe.mode)
+    click.echo(text)
+    sys.exit(0 if usable else 1)
+
+
+@main.command()
+def version() -> None:
+    """Print the version."""
+    click.echo(f"conntracct {__version__}")

@@ -1,0 +1,313 @@
+"""Queues, batching, retries and drop accounting: the one place for them.
+
+Each sink gets a SinkWorker: a bounded queue and one thread.  The probe reader
+thread calls Pipeline.offer(), which never blocks on a sink; a slow or dead
+sink only fills its own queue.
+
+Queue-full policy: DESTROY records (final totals, what users archive) are
+dropped last.  A full queue refuses a NEW/UPDATE; a DESTROY arriving at a full
+queue evicts the oldest queued NEW/UPDATE, and is refused only when the queue
+holds nothing but DESTROYs.
+
+Ordering: records reach the sink in exactly the order they were offered
+(eviction only removes records, it never reorders), so a flow's NEW, UPDATEs
+and DESTROY stay in order.  Two deques make eviction O(1); a sequence number
+merges them back in order when a batch is taken.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+
+from .flow import DESTROY, KINDS, FlowEvent
+from .selfmetrics import PERMANENT_ERROR, QUEUE_FULL, RETRIES_EXHAUSTED, SHUTDOWN, SinkStats, Stats
+from .sinks import Sink, SinkConfig, create_sink
+from .sinks.base import PermanentSinkError, TransientSinkError
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+
+class ErrorLog:
+    """Logs a sink's errors without storms: the first of each kind at once,
+    then at most one line per `interval` seconds saying how many were held back."""
+
+    def __init__(self, sink_name: str, interval: float = 60.0, clock: Clock = time.monotonic):
+        self._sink_name, self._interval, self._clock = sink_name, interval, clock
+        self._next: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def error(self, what: str, exc: BaseException) -> None:
+        kind = f"{what}:{type(exc).__name__}"
+        now = self._clock()
+        if now < self._next.get(kind, 0.0):
+            self._held[kind] = self._held.get(kind, 0) + 1
+            return
+        held = self._held.pop(kind, 0)
+        more = f" ({held} more since the last report)" if held else ""
+        log.warning("sink %s: %s: %s: %s%s", self._sink_name, what, type(exc).__name__, exc, more)
+        self._next[kind] = now + self._interval
+
+
+def _narrowed(exc: Exception, pending: list[FlowEvent]) -> list[FlowEvent]:
+    """The part of the batch an error is about (all of it unless the sink said)."""
+    events = getattr(exc, "events", None)
+    return pending if events is None else events
+
+
+class SinkWorker:
+    """One sink's bounded queue and the thread that writes its batches."""
+
+    def __init__(self, name: str, sink: Sink, settings: SinkConfig, stats: SinkStats,
+                 clock: Clock = time.monotonic):
+        self.name, self.sink, self.kinds = name, sink, settings.kinds
+        self._capacity = settings.queue_size
+        self._batch_size = settings.batch_size
+        self._flush_interval = settings.flush_interval
+        self._retry = settings.retry
+        self._stats, self._clock = stats, clock
+        self._errors = ErrorLog(name, clock=clock)
+
+        self._lock = threading.Lock()
+        self._ready = threading.Condition(self._lock)   # offer() -> worker: a batch may be due
+        self._wake = threading.Event()                  # close() -> worker: stop backing off
+        self._destroys: deque[tuple[int, FlowEvent]] = deque()
+        self._others: deque[tuple[int, FlowEvent]] = deque()
+        self._seq = 0
+        self._oldest = 0.0            # when the oldest queued record arrived (clock)
+        self._inflight: list[FlowEvent] = []
+        self._accepting = True
+        self._draining = False
+        self._deadline = float("inf")
+        self._abandoned = False
+        self._thread = threading.Thread(target=self._run, name=f"sink-{name}", daemon=True)
+        stats.queue_capacity = self._capacity
+        stats.queue_depth = self.depth
+
+    # -- reader thread -----------------------------------------------------
+
+    def offer(self, event: FlowEvent) -> bool:
+        """Queue one record; never blocks.  False if it was dropped."""
+        is_destroy = event.kind == DESTROY
+        with self._lock:
+            self._stats.add_received()
+            if not self._accepting:
+                self._stats.add_dropped(SHUTDOWN, event.kind)
+                return False
+            size = len(self._destroys) + len(self._others)
+            if size >= self._capacity:
+                if not (is_destroy and self._others):
+                    self._stats.add_dropped(QUEUE_FULL, event.kind)
+                    return False
+                self._stats.add_dropped(QUEUE_FULL, self._others.popleft()[1].kind)
+                size -= 1
+            self._seq += 1
+            (self._destroys if is_destroy else self._others).append((self._seq, event))
+            # Wake the worker only when it has something new to decide:
+            # the first record (starts the flush timer) or a full batch.
+            if size == 0:
+                self._oldest = self._clock()
+                self._ready.notify()
+            elif size + 1 == self._batch_size:
+                self._ready.notify()
+        return True
+
+    def depth(self) -> int:
+        return len(self._destroys) + len(self._others)
+
+    # -- control -----------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def close(self, deadline: float) -> None:
+        """Stop accepting; the worker writes what is queued until `deadline`
+        (a clock() time), then drops the rest and closes the sink."""
+        with self._lock:
+            self._accepting = False
+            self._draining = True
+            self._deadline = deadline
+            self._ready.notify_all()
+        self._wake.set()
+        if self._thread.ident is None:   # never started: drain and close the sink all the same
+            self._thread.start()
+
+    def join(self, timeout: float) -> bool:
+        """True if the worker finished (sink closed) within `timeout` seconds."""
+        self._thread.join(max(timeout, 0.0))
+        return not self._thread.is_alive()
+
+    def abandon(self) -> int:
+        """Give up on a worker stuck past the deadline (e.g. in a hung write):
+        count what it holds as dropped, ignore whatever it reports later."""
+        with self._lock:
+            if self._abandoned:
+                return 0
+            self._abandoned = True
+            held = self._inflight + [e for _, e in self._destroys] + [e for _, e in self._others]
+            self._destroys.clear()
+            self._others.clear()
+            self._inflight = []
+            self._stats.add_dropped_events(SHUTDOWN, held)
+            return len(held)
+
+    # -- worker thread -----------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            while (batch := self._next_batch()) is not None:
+                self._deliver(batch)
+        except Exception:   # a bug here must not pass silently: the sink stops
+            log.exception("sink %s: worker failed", self.name)
+        finally:
+            dropped = self.abandon()
+            if dropped:
+                log.warning("sink %s: %d records still queued at shutdown were dropped", self.name, dropped)
+            try:
+                self.sink.close()
+            except Exception as exc:
+                self._errors.error("close", exc)
+
+    def _next_batch(self) -> list[FlowEvent] | None:
+        """Wait until a batch is due (full, or the oldest record has waited
+        flush_interval); while draining, take whatever is queued at once.
+        None when the worker is done."""
+        with self._lock:
+            while True:
+                size = len(self._destroys) + len(self._others)
+                if self._draining:
+                    if size == 0 or self._clock() >= self._deadline:
+                        return None
+                    return self._take()
+                if size >= self._batch_size:
+                    return self._take()
+                if size == 0:
+                    self._ready.wait()
+                    continue
+                wait = self._oldest + self._flush_interval - self._clock()
+                if wait <= 0:
+                    return self._take()
+                self._ready.wait(wait)
+
+    def _take(self) -> list[FlowEvent]:
+        """Up to batch_size records in offer order (lock held)."""
+        destroys, others = self._destroys, self._others
+        n = min(self._batch_size, len(destroys) + len(others))
+        if not destroys:
+            batch = [others.popleft()[1] for _ in range(n)]
+        elif not others:
+            batch = [destroys.popleft()[1] for _ in range(n)]
+        else:
+            batch = []
+            for _ in range(n):
+                if not others or (destroys and destroys[0][0] < others[0][0]):
+                    batch.append(destroys.popleft()[1])
+                else:
+                    batch.append(others.popleft()[1])
+        if destroys or others:
+            self._oldest = self._clock()   # the rest waited at least since now
+        self._inflight = batch
+        return batch
+
+    def _deliver(self, batch: list[FlowEvent]) -> None:
+        """Write one batch, retrying transient errors with exponential back-off."""
+        pending, attempt, delay = batch, 1, self._retry.backoff
+        while True:
+            try:
+                self.sink.write(pending)
+            except TransientSinkError as exc:
+                failed = _narrowed(exc, pending)
+                if attempt >= self._retry.max_attempts:
+                    self._errors.error(f"gave up after {attempt} attempts", exc)
+                    self._settle(pending, failed, RETRIES_EXHAUSTED)
+                    return
+                self._errors.error("will retry", exc)
+                self._retrying(pending, failed)
+                if not self._pause(delay):
+                    self._settle(failed, failed, SHUTDOWN)
+                    return
+                pending, attempt = failed, attempt + 1
+                delay = min(delay * 2, self._retry.max_backoff)
+            except Exception as exc:   # PermanentSinkError, or a sink bug: retrying cannot help
+                failed = _narrowed(exc, pending) if isinstance(exc, PermanentSinkError) else pending
+                self._errors.error("dropped", exc)
+                self._settle(pending, failed, PERMANENT_ERROR)
+                return
+            else:
+                self._settle(pending, [], None)
+                return
+
+    def _pause(self, delay: float) -> bool:
+        """Back off `delay` seconds; False if the drain deadline comes first."""
+        end = self._clock() + delay
+        if not self._draining:
+            self._wake.wait(delay)   # close() cuts it short to check the deadline
+        if self._draining:
+            if end > self._deadline:
+                return False
+            time.sleep(max(end - self._clock(), 0.0))
+        return True
+
+    def _retrying(self, pending: list[FlowEvent], failed: list[FlowEvent]) -> None:
+        with self._lock:
+            if self._abandoned:
+                return
+            self._stats.add_emitted(len(pending) - len(failed))
+            self._stats.add_retry()
+            self._inflight = failed
+
+    def _settle(self, pending: list[FlowEvent], failed: list[FlowEvent], reason: str | None) -> None:
+        """Final accounting of a batch: written, or `failed` lost for `reason`."""
+        with self._lock:
+            if self._abandoned:     # already counted as dropped at shutdown
+                return
+            self._stats.add_emitted(len(pending) - len(failed))
+            if failed and reason is not None:
+                self._stats.add_dropped_events(reason, failed)
+            self._stats.add_batch(ok=not failed)
+            self._inflight = []
+
+
+class Pipeline:
+    """Fans each record out to the sinks that want its kind."""
+
+    def __init__(self, workers: Iterable[SinkWorker], clock: Clock = time.monotonic):
+        self.workers = list(workers)
+        self._clock = clock
+        # kind -> the offer() of every worker that wants it: one dict lookup per record.
+        self._routes = {kind: tuple(w.offer for w in self.workers if kind in w.kinds) for kind in KINDS}
+
+    @classmethod
+    def from_config(cls, sinks: Iterable[SinkConfig], stats: Stats) -> Pipeline:
+        """Sinks created from their validated configs (conntracct.config.Config.sinks)."""
+        workers = []
+        for settings in sinks:
+            name = settings.name or settings.type
+            workers.append(SinkWorker(name, create_sink(settings), settings,
+                                      stats.sink(name, settings.queue_size)))
+        return cls(workers)
+
+    def start(self) -> None:
+        for worker in self.workers:
+            worker.start()
+
+    def offer(self, event: FlowEvent) -> None:
+        for offer in self._routes.get(event.kind, ()):
+            offer(event)
+
+    def close(self, deadline_s: float) -> None:
+        """Stop accepting, let every sink drain and close within `deadline_s`
+        seconds in all; what is still held then counts as dropped (shutdown)."""
+        deadline = self._clock() + deadline_s
+        for worker in self.workers:
+            worker.close(deadline)
+        for worker in self.workers:
+            if not worker.join(deadline - self._clock()):
+                dropped = worker.abandon()
+                log.warning("sink %s: still busy %.1fs after shutdown began; %d records dropped",
+                            worker.name, deadline_s, dropped)

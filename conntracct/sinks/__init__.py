@@ -1,0 +1,25 @@
+"""The sink registry: config `type` -> sink class.
+
+Adding a sink = one module with one Sink subclass + one entry here.  Modules
+import their client libraries inside the class, so an unused sink costs
+nothing at start-up.
+"""
+
+from __future__ import annotations
+
+from .base import PermanentSinkError, Sink, SinkConfig, TransientSinkError
+from .stdout import StdoutSink
+
+SINKS: dict[str, type[Sink]] = {
+    "stdout": StdoutSink,
+    "stderr": StdoutSink,
+}
+
+
+def create_sink(config: SinkConfig) -> Sink:
+    """An instance of the sink a validated config describes."""
+    return SINKS[config.type](config)
+
+
+__all__ = ["SINKS", "PermanentSinkError", "Sink", "SinkConfig", "TransientSinkError",
+           "create_sink"]

@@ -1,0 +1,116 @@
+"""What every sink is: a config model, the kinds it wants, write(batch), close().
+
+Queueing, batching, retries and drop counting are not a sink's business: the
+pipeline (conntracct.pipeline) does them once for all sinks.  A sink only
+writes one batch and says, by the exception it raises, whether trying again
+could help.
+"""
+
+from __future__ import annotations
+
+import re
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import AfterValidator, Field, model_validator
+
+from ..configtypes import PositiveDuration, StrictModel, config_errors, seconds_text
+from ..flow import KINDS, FlowEvent
+
+Kind = Literal["new", "update", "destroy"]
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def _sink_name(value: str | None) -> str | None:
+    # Names end up in log lines and metric labels: keep them plain.
+    if value is not None and not _NAME.fullmatch(value):
+        raise ValueError("expected a name of letters, digits, '_', '.' or '-'")
+    return value
+
+
+def _kind_set(value: frozenset[str]) -> frozenset[str]:
+    if not value:
+        raise ValueError(f"expected at least one of {', '.join(KINDS)}")
+    return value
+
+
+class RetryConfig(StrictModel):
+    max_attempts: int = Field(5, ge=1)         # attempts in all, the first one included
+    backoff: PositiveDuration = 0.5            # wait before the 2nd attempt, doubled after
+    max_backoff: PositiveDuration = 30.0
+
+    @model_validator(mode="after")
+    def _backoff_capped_above_start(self) -> RetryConfig:
+        if self.max_backoff < self.backoff:
+            raise config_errors([(("max_backoff",), f"expected at least backoff ({self.backoff:g}s)",
+                                   seconds_text(self.max_backoff))])
+        return self
+
+
+class SinkConfig(StrictModel):
+    """Keys every sink has: its identity and the pipeline settings for it.
+
+    A sink's own model inherits this and adds its keys."""
+
+    type: str
+    name: Annotated[str | None, AfterValidator(_sink_name)] = None   # default: type
+    queue_size: int = Field(10000, ge=1)
+    batch_size: int = Field(500, ge=1)
+    flush_interval: PositiveDuration = 1.0
+    # Default: every kind; the registry substitutes the sink class's default_kinds.
+    kinds: Annotated[frozenset[Kind], AfterValidator(_kind_set)] = frozenset(KINDS)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+
+    @model_validator(mode="after")
+    def _defaults_and_limits(self) -> SinkConfig:
+        if self.name is None:
+            self.name = self.type
+        if self.batch_size > self.queue_size:
+            raise config_errors([(("batch_size",), f"expected at most queue_size ({self.queue_size})",
+                                  self.batch_size)])
+        return self
+
+
+class SinkError(Exception):
+    """Base of the errors a sink raises from write().
+
+    `events`, when given, narrows the error to part of the batch; the rest of
+    the batch counts as written (e.g. a bulk request where some documents
+    failed)."""
+
+    def __init__(self, message: str, events: Sequence[FlowEvent] | None = None):
+        super().__init__(message)
+        self.events = list(events) if events is not None else None
+
+
+class TransientSinkError(SinkError):
+    """Trying again later may succeed (timeout, connection refused, 429, 5xx).
+    With `events`, only those are retried."""
+
+
+class PermanentSinkError(SinkError):
+    """Trying again cannot help (rejected record, bad credentials, 4xx).
+    With `events`, only those are lost."""
+
+
+class Sink(ABC):
+    """One destination for flow records.  Called from a single worker thread."""
+
+    Config: ClassVar[type[SinkConfig]] = SinkConfig
+    default_kinds: ClassVar[frozenset[str]] = frozenset(KINDS)
+
+    def __init__(self, config: SinkConfig):
+        self.config = config
+
+    @property
+    def name(self) -> str:
+        return self.config.name or self.config.type
+
+    @abstractmethod
+    def write(self, batch: list[FlowEvent]) -> None:
+        """Deliver the batch or raise TransientSinkError / PermanentSinkError.
+        Must not modify the events: other sinks share them."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook: most sinks hold nothing
+        """Flush and release resources; called once, after the last write()."""

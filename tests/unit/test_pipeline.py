@@ -1,0 +1,314 @@
+"""Sink queues, batching, retries, drop policy and shutdown (conntracct.pipeline)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+from sample_flows import flow
+
+from conntracct.config import parse_config
+from conntracct.flow import DESTROY, NEW, UPDATE, FlowEvent
+from conntracct.pipeline import ErrorLog, Pipeline, SinkWorker
+from conntracct.selfmetrics import Stats
+from conntracct.sinks.base import PermanentSinkError, Sink, SinkConfig, TransientSinkError
+
+
+class FakeSink(Sink):
+    """Records what it is given; raises the scripted errors, one per write()."""
+
+    def __init__(self, errors: list[Exception | None] | None = None, delay: float = 0.0,
+                 gate: threading.Event | None = None):
+        super().__init__(SinkConfig(type="fake"))
+        self.errors = list(errors or [])
+        self.delay, self.gate = delay, gate
+        self.calls: list[tuple[float, list[FlowEvent]]] = []   # every write() attempt
+        self.written: list[list[FlowEvent]] = []               # successful ones
+        self.closed = False
+
+    def write(self, batch: list[FlowEvent]) -> None:
+        self.calls.append((time.monotonic(), list(batch)))
+        if self.gate is not None:
+            self.gate.wait()
+        time.sleep(self.delay)
+        error = self.errors.pop(0) if self.errors else None
+        if error is not None:
+            raise error
+        self.written.append(list(batch))
+
+    def close(self) -> None:
+        self.closed = True
+
+    @property
+    def events(self) -> list[FlowEvent]:
+        return [e for batch in self.written for e in batch]
+
+
+def make_worker(sink: Sink, stats: Stats | None = None, name: str = "fake", **settings) -> SinkWorker:
+    config = SinkConfig(type="fake", name=name, **settings)
+    return SinkWorker(name, sink, config, (stats or Stats()).sink(name))
+
+
+def wait_for(predicate, timeout: float = 2.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.002)
+
+
+def numbered(n: int, kind: str = UPDATE) -> list[FlowEvent]:
+    return [flow(kind, flow_id=i) for i in range(n)]
+
+
+def ids(events: list[FlowEvent]) -> list[int]:
+    return [e.flow_id for e in events]
+
+
+def test_batches_by_size_without_waiting_for_the_timer():
+    sink = FakeSink()
+    worker = make_worker(sink, batch_size=3, flush_interval=30)
+    worker.start()
+    for event in numbered(7):
+        worker.offer(event)
+    wait_for(lambda: len(sink.written) == 2)
+    time.sleep(0.05)
+    assert [ids(b) for b in sink.written] == [[0, 1, 2], [3, 4, 5]]   # the 7th waits for more
+    worker.close(time.monotonic() + 1)
+    assert worker.join(1)
+    assert [ids(b) for b in sink.written][-1] == [6]   # flushed by the drain
+    assert sink.closed
+
+
+def test_batches_by_time_when_the_batch_does_not_fill():
+    sink = FakeSink()
+    worker = make_worker(sink, batch_size=100, flush_interval=0.1)
+    worker.start()
+    started = time.monotonic()
+    worker.offer(flow(flow_id=1))
+    worker.offer(flow(flow_id=2))
+    wait_for(lambda: sink.written)
+    waited = sink.calls[0][0] - started
+    assert 0.09 <= waited < 1.0
+    assert [ids(b) for b in sink.written] == [[1, 2]]
+    worker.close(time.monotonic())
+    assert worker.join(1)
+
+
+def test_transient_errors_are_retried_with_growing_backoff_then_succeed():
+    stats = Stats()
+    sink = FakeSink(errors=[TransientSinkError("timeout"), TransientSinkError("timeout"), None])
+    worker = make_worker(sink, stats, batch_size=2, retry={"backoff": 0.02, "max_backoff": 1})
+    worker.start()
+    worker.offer(flow(flow_id=1))
+    worker.offer(flow(flow_id=2))
+    wait_for(lambda: sink.written)
+    times = [t for t, _ in sink.calls]
+    assert len(times) == 3
+    assert times[1] - times[0] >= 0.02 and times[2] - times[1] >= 0.04   # doubled
+    assert all(ids(batch) == [1, 2] for _, batch in sink.calls)
+    snap = stats.snapshot()["sinks"]["fake"]
+    assert (snap["retries"], snap["emitted"], snap["batches_sent"], snap["dropped"]) == (2, 2, 1, 0)
+
+
+def test_backoff_is_capped_by_max_backoff():
+    sink = FakeSink(errors=[TransientSinkError("x")] * 3)
+    worker = make_worker(sink, batch_size=1, retry={"backoff": 0.02, "max_backoff": 0.02})
+    worker.start()
+    worker.offer(flow())
+    wait_for(lambda: sink.written)
+    gaps = [b[0] - a[0] for a, b in zip(sink.calls, sink.calls[1:], strict=False)]
+    assert len(gaps) == 3 and max(gaps) < 0.04 + 0.03   # stays ~0.02, never 0.04 / 0.08
+
+
+def test_retries_exhausted_drops_the_batch_and_counts_it_per_kind():
+    stats = Stats()
+    sink = FakeSink(errors=[TransientSinkError("down")] * 10)
+    worker = make_worker(sink, stats, batch_size=3, retry={"max_attempts": 3, "backoff": 0.001})
+    worker.start()
+    for event in (flow(NEW), flow(UPDATE), flow(DESTROY)):
+        worker.offer(event)
+    wait_for(lambda: stats.snapshot()["sinks"]["fake"]["batches_failed"] == 1)
+    snap = stats.snapshot()["sinks"]["fake"]
+    assert len(sink.calls) == 3
+    assert snap["dropped_by"]["retries_exhausted"] == {NEW: 1, UPDATE: 1, DESTROY: 1}
+    assert (snap["dropped"], snap["emitted"], snap["retries"]) == (3, 0, 2)
+
+
+def test_transient_error_naming_part_of_the_batch_retries_only_that_part():
+    stats = Stats()
+    batch = numbered(3)
+    sink = FakeSink(errors=[TransientSinkError("429 for one", events=[batch[1]]), None])
+    worker = make_worker(sink, stats, batch_size=3, retry={"backoff": 0.001})
+    worker.start()
+    for event in batch:
+        worker.offer(event)
+    wait_for(lambda: sink.written)
+    assert ids(sink.calls[1][1]) == [1]
+    assert stats.snapshot()["sinks"]["fake"]["emitted"] == 3
+
+
+@pytest.mark.parametrize("error", [PermanentSinkError("400 bad record"), ValueError("sink bug")])
+def test_permanent_errors_drop_without_retrying(error):
+    stats = Stats()
+    sink = FakeSink(errors=[error])
+    worker = make_worker(sink, stats, batch_size=2)
+    worker.start()
+    worker.offer(flow(NEW))
+    worker.offer(flow(DESTROY))
+    wait_for(lambda: stats.snapshot()["sinks"]["fake"]["batches_failed"] == 1)
+    snap = stats.snapshot()["sinks"]["fake"]
+    assert len(sink.calls) == 1
+    assert snap["dropped_by"]["permanent_error"] == {NEW: 1, UPDATE: 0, DESTROY: 1}
+    assert snap["retries"] == 0
+
+
+def test_full_queue_drops_new_and_update_first_and_destroy_last():
+    stats = Stats()
+    sink = FakeSink()
+    worker = make_worker(sink, stats, queue_size=4, batch_size=4)   # not started: nothing drains
+    offers = [flow(NEW, flow_id=1), flow(DESTROY, flow_id=2), flow(UPDATE, flow_id=3), flow(UPDATE, flow_id=4),
+              flow(UPDATE, flow_id=5),    # full: refused
+              flow(DESTROY, flow_id=6),   # evicts 1, the oldest non-DESTROY
+              flow(DESTROY, flow_id=7),   # evicts 3
+              flow(DESTROY, flow_id=8),   # evicts 4
+              flow(DESTROY, flow_id=9)]   # only DESTROYs left: refused
+    accepted = [worker.offer(e) for e in offers]
+    assert accepted == [True] * 4 + [False, True, True, True, False]
+    assert worker.depth() == 4
+    worker.start()
+    worker.close(time.monotonic() + 1)
+    assert worker.join(1)
+    assert ids(sink.events) == [2, 6, 7, 8]   # offer order kept
+    snap = stats.snapshot()["sinks"]["fake"]
+    assert snap["dropped_by"]["queue_full"] == {NEW: 1, UPDATE: 3, DESTROY: 1}
+    assert (snap["received"], snap["emitted"], snap["dropped"]) == (9, 4, 5)
+
+
+def test_batches_keep_offer_order_across_kinds():
+    sink = FakeSink()
+    worker = make_worker(sink, batch_size=6)
+    kinds = [NEW, UPDATE, DESTROY, NEW, DESTROY, UPDATE]
+    for i, kind in enumerate(kinds):
+        worker.offer(flow(kind, flow_id=i))
+    worker.start()
+    wait_for(lambda: sink.written)
+    assert ids(sink.written[0]) == list(range(6))
+
+
+def test_pipeline_sends_each_sink_only_the_kinds_it_wants():
+    archive, everything = FakeSink(), FakeSink()
+    pipeline = Pipeline([make_worker(archive, name="archive", kinds=[DESTROY], batch_size=1),
+                         make_worker(everything, name="all", batch_size=1)])
+    pipeline.start()
+    for kind in (NEW, UPDATE, DESTROY):
+        pipeline.offer(flow(kind))
+    pipeline.close(1.0)
+    assert [e.kind for e in archive.events] == [DESTROY]
+    assert [e.kind for e in everything.events] == [NEW, UPDATE, DESTROY]
+
+
+def test_close_drains_within_the_deadline_and_counts_the_rest():
+    stats = Stats()
+    sink = FakeSink(delay=0.05)
+    worker = make_worker(sink, stats, batch_size=1)
+    pipeline = Pipeline([worker])
+    for event in numbered(20):
+        pipeline.offer(event)
+    pipeline.start()
+    started = time.monotonic()
+    pipeline.close(0.18)
+    assert time.monotonic() - started < 0.4
+    pipeline.offer(flow(UPDATE))   # after close: refused and counted
+    snap = stats.snapshot()["sinks"]["fake"]
+    assert 1 <= snap["emitted"] <= 5
+    assert snap["dropped_by"]["shutdown"][UPDATE] == 21 - snap["emitted"]
+    assert snap["received"] == 21
+
+
+def test_close_with_time_to_spare_writes_everything_and_closes_the_sink():
+    stats = Stats()
+    sink = FakeSink()
+    pipeline = Pipeline([make_worker(sink, stats, batch_size=4, flush_interval=30)])
+    pipeline.start()
+    for event in numbered(10):
+        pipeline.offer(event)
+    pipeline.close(2.0)
+    assert ids(sink.events) == list(range(10)) and sink.closed
+    assert stats.snapshot()["sinks"]["fake"]["dropped"] == 0
+
+
+def test_close_gives_up_on_a_hung_sink_and_counts_its_batch():
+    stats = Stats()
+    gate = threading.Event()
+    sink = FakeSink(gate=gate)
+    pipeline = Pipeline([make_worker(sink, stats, batch_size=2)])
+    pipeline.start()
+    for event in numbered(5):
+        pipeline.offer(event)
+    wait_for(lambda: sink.calls)
+    pipeline.close(0.05)
+    snap = stats.snapshot()["sinks"]["fake"]
+    assert snap["dropped_by"]["shutdown"][UPDATE] == 5 and snap["emitted"] == 0
+    gate.set()   # the late write is not counted twice
+    time.sleep(0.05)
+    assert stats.snapshot()["sinks"]["fake"]["emitted"] == 0
+
+
+def test_a_hung_sink_does_not_delay_another():
+    gate = threading.Event()
+    hung, fast = FakeSink(gate=gate), FakeSink()
+    pipeline = Pipeline([make_worker(hung, name="hung", batch_size=1, queue_size=100),
+                         make_worker(fast, name="fast", batch_size=1000, flush_interval=0.02)])
+    pipeline.start()
+    started = time.monotonic()
+    for event in numbered(1000):
+        pipeline.offer(event)
+    offered = time.monotonic() - started
+    wait_for(lambda: len(fast.events) == 1000, timeout=1.0)
+    assert offered < 0.5       # offer() never waited for the hung sink
+    assert len(hung.calls) == 1
+    gate.set()
+    pipeline.close(1.0)
+
+
+def test_error_log_reports_each_kind_once_per_interval(caplog):
+    now = [0.0]
+    errors = ErrorLog("es", interval=60, clock=lambda: now[0])
+    with caplog.at_level("WARNING", logger="conntracct.pipeline"):
+        for _ in range(5):
+            errors.error("will retry", TransientSinkError("timeout"))
+        errors.error("dropped", PermanentSinkError("400"))
+        now[0] = 61.0
+        errors.error("will retry", TransientSinkError("timeout"))
+    assert [r.getMessage() for r in caplog.records] == [
+        "sink es: will retry: TransientSinkError: timeout",
+        "sink es: dropped: PermanentSinkError: 400",
+        "sink es: will retry: TransientSinkError: timeout (4 more since the last report)"]
+
+
+def test_pipeline_from_config_builds_registered_sinks_with_their_settings(capsys):
+    config = parse_config("sinks:\n  - {type: stdout, format: json, kinds: [destroy], batch_size: 1}\n"
+                          "  - {type: stderr, name: debug, flush_interval: 50ms}\n")
+    stats = Stats()
+    pipeline = Pipeline.from_config(config.sinks, stats)
+    pipeline.start()
+    pipeline.offer(flow(NEW))
+    pipeline.offer(flow(DESTROY))
+    pipeline.close(1.0)
+    out, err = capsys.readouterr()
+    assert [json.loads(line)["kind"] for line in out.splitlines()] == [DESTROY]
+    assert [line.split()[1] for line in err.splitlines()] == ["NEW", "DESTROY"]
+    snap = stats.snapshot()["sinks"]
+    assert (snap["stdout"]["emitted"], snap["debug"]["emitted"]) == (1, 2)
+    assert snap["stdout"]["queue_capacity"] == 10000 and snap["stdout"]["queue_depth"] == 0
+
+
+def test_closing_a_pipeline_that_never_started_still_drains_and_closes():
+    sink = FakeSink()
+    pipeline = Pipeline([make_worker(sink, batch_size=2)])
+    for event in numbered(3):
+        pipeline.offer(event)
+    pipeline.close(1.0)
+    assert ids(sink.events) == [0, 1, 2] and sink.closed

@@ -26,6 +26,8 @@ PY = VENV / "bin" / "python"
 APT_PACKAGES = [
     "python3-bpfcc", "python3-venv", "linux-headers-amd64", "kmod",
     "iproute2", "nftables", "conntrack", "iputils-ping", "procps",
+    # real servers the sink tests write to and query back
+    "influxdb", "victoria-metrics", "prometheus",
 ]
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, Field, model_validator
@@ -111,6 +111,10 @@ class Sink(ABC):
     def write(self, batch: list[FlowEvent]) -> None:
         """Deliver the batch or raise TransientSinkError / PermanentSinkError.
         Must not modify the events: other sinks share them."""
+
+    def observe(self, snapshot: Callable[[], dict]) -> None:  # noqa: B027 - optional hook
+        """Called once at start with the agent's counters (Agent.snapshot);
+        a sink that exports the agent's own metrics keeps it."""
 
     def close(self) -> None:  # noqa: B027 - optional hook: most sinks hold nothing
         """Flush and release resources; called once, after the last write()."""

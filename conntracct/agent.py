@@ -74,6 +74,8 @@ class Agent:
             if enriched is not None:
                 offer(enriched)
 
+        for worker in self.pipeline.workers:
+            worker.sink.observe(self.snapshot)
         self.pipeline.start()
         try:
             self.source = FlowSource(mode, probe_settings(cfg), emit, stamped,

@@ -13,6 +13,7 @@ import socket
 
 BPF_PROG_TYPE_NETFILTER = 32
 BPF_NETFILTER = 45
+_BPF_OBJ_GET_INFO_BY_FD = 15
 _BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
 _BPF_LINK_CREATE = 28
 _SYS_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, 321)
@@ -55,6 +56,16 @@ class _MapElemAttr(ctypes.Structure):
     ]
 
 
+class _InfoAttr(ctypes.Structure):
+    _fields_ = [("bpf_fd", ctypes.c_uint32), ("info_len", ctypes.c_uint32), ("info", ctypes.c_uint64),
+                ("_rest", ctypes.c_uint8 * 96)]
+
+
+# struct bpf_prog_info: run_time_ns and run_cnt sit at fixed offsets of the
+# stable UAPI struct (since Linux 5.1); the rest is not needed.
+_PROG_INFO_SIZE = 232
+_RUN_TIME_AT, _RUN_CNT_AT = 192, 200
+
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
 
@@ -95,3 +106,16 @@ class MapEntryTaker:
                 return None
             raise OSError(err, f"bpf map lookup-and-delete: {os.strerror(err)}")
         return self._value.raw
+
+
+def prog_run_stats(prog_fd: int) -> tuple[int, int]:
+    """(run count, total run time ns) of a loaded program; both stay 0 unless
+    kernel.bpf_stats_enabled=1."""
+    info = ctypes.create_string_buffer(_PROG_INFO_SIZE)
+    attr = _InfoAttr(bpf_fd=prog_fd, info_len=_PROG_INFO_SIZE, info=ctypes.addressof(info))
+    ret, err = _bpf(_BPF_OBJ_GET_INFO_BY_FD, attr)
+    if ret < 0:
+        raise OSError(err, f"bpf prog info: {os.strerror(err)}")
+    run_time = int.from_bytes(info.raw[_RUN_TIME_AT:_RUN_TIME_AT + 8], "little")
+    run_cnt = int.from_bytes(info.raw[_RUN_CNT_AT:_RUN_CNT_AT + 8], "little")
+    return run_cnt, run_time

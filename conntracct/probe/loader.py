@@ -154,6 +154,14 @@ class Probe:
             out[name] = int(sum(self._stats[ctypes.c_int(i)]))
         return out
 
+    def program_stats(self) -> dict[str, dict[str, int]]:
+        """Per attached program: run count and run time (kernel.bpf_stats_enabled=1)."""
+        out = {}
+        for name, fn in self.bpf.funcs.items():
+            runs, ns = bpfsys.prog_run_stats(fn.fd)
+            out[name.decode() if isinstance(name, bytes) else name] = {"run_cnt": runs, "run_time_ns": ns}
+        return out
+
     def close(self) -> None:
         for fd in self._links:
             os.close(fd)

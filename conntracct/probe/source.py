@@ -44,6 +44,7 @@ class FlowSource:
                  stamped_since_start: bool, netlink_rcvbuf: int = 64 << 20,
                  sweep_interval_s: float = 30.0):
         self.mode = mode
+        self.max_flows = settings.max_flows
         self.sweep_interval_s = sweep_interval_s
         # Flows conntrack will send no DESTROY event for (created before any
         # listener existed): key -> (reply tuple, start).  Swept for their end.
@@ -197,9 +198,12 @@ class FlowSource:
         if self._destroys:
             self._on_destroys()
 
-    def stats(self) -> dict[str, int]:
-        out = dict(self.counts)
+    def stats(self) -> dict:
+        out: dict = dict(self.counts)
         out.update({"probe_" + k: v for k, v in self.probe.stats().items()})
+        out["mode"] = self.mode
+        out["max_flows"] = self.max_flows
+        out["programs"] = self.probe.program_stats()
         if self._destroys:
             out["ctnetlink_overruns"] = self._destroys.overruns
             out["flows_without_end_events"] = len(self._unevented)

@@ -16,6 +16,7 @@ from .probe.loader import ProbeError, ProbeSettings
 from .probe.modes import choose_mode
 from .probe.source import FlowSource
 from .selfmetrics import Stats
+from .sinks.base import SinkError
 
 log = logging.getLogger("conntracct")
 
@@ -65,7 +66,11 @@ class Agent:
             log.warning("net.netfilter.nf_conntrack_acct is off and sysctl.manage is false: "
                         "flows will carry no counters")
         stamped = sysctl.read(sysctl.TIMESTAMP) == 1
-        self.pipeline = Pipeline.from_config(cfg.sinks, self.stats)
+        try:
+            self.pipeline = Pipeline.from_config(cfg.sinks, self.stats)
+        except SinkError as e:
+            # e.g. a Prometheus endpoint whose port is taken
+            raise EnvironmentProblem(str(e)) from None
         enrich = Enricher(cfg.enrich, self.stats.stage("enrich"))
         offer = self.pipeline.offer
 

@@ -285,11 +285,17 @@ class Pipeline:
     @classmethod
     def from_config(cls, sinks: Iterable[SinkConfig], stats: Stats) -> Pipeline:
         """Sinks created from their validated configs (conntracct.config.Config.sinks)."""
-        workers = []
-        for settings in sinks:
-            name = settings.name or settings.type
-            workers.append(SinkWorker(name, create_sink(settings), settings,
-                                      stats.sink(name, settings.queue_size)))
+        workers: list[SinkWorker] = []
+        try:
+            for settings in sinks:
+                name = settings.name or settings.type
+                workers.append(SinkWorker(name, create_sink(settings), settings,
+                                          stats.sink(name, settings.queue_size)))
+        except Exception:
+            # A later sink failed to start: release the ones already made.
+            for worker in workers:
+                worker.sink.close()
+            raise
         return cls(workers)
 
     def start(self) -> None:

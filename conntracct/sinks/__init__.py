@@ -8,11 +8,13 @@ nothing at start-up.
 from __future__ import annotations
 
 from .base import PermanentSinkError, Sink, SinkConfig, TransientSinkError
+from .prometheus import PrometheusSink
 from .stdout import StdoutSink
 
 SINKS: dict[str, type[Sink]] = {
     "stdout": StdoutSink,
     "stderr": StdoutSink,
+    "prometheus": PrometheusSink,
 }
 
 

@@ -8,12 +8,14 @@ nothing at start-up.
 from __future__ import annotations
 
 from .base import PermanentSinkError, Sink, SinkConfig, TransientSinkError
+from .elasticsearch import ElasticsearchSink
 from .prometheus import PrometheusSink
 from .stdout import StdoutSink
 
 SINKS: dict[str, type[Sink]] = {
     "stdout": StdoutSink,
     "stderr": StdoutSink,
+    "elasticsearch": ElasticsearchSink,
     "prometheus": PrometheusSink,
 }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from .base import PermanentSinkError, Sink, SinkConfig, TransientSinkError
 from .elasticsearch import ElasticsearchSink
+from .influxdb import InfluxDBSink
 from .prometheus import PrometheusSink
 from .stdout import StdoutSink
 
@@ -17,6 +18,7 @@ SINKS: dict[str, type[Sink]] = {
     "stderr": StdoutSink,
     "elasticsearch": ElasticsearchSink,
     "prometheus": PrometheusSink,
+    "influxdb": InfluxDBSink,
 }
 
 

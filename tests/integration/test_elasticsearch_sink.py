@@ -9,20 +9,11 @@ from __future__ import annotations
 
 import json
 import socket
-import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[2]
-for path in (ROOT, ROOT / "tests" / "unit"):
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))
-
-from sample_flows import T0, flow  # noqa: E402
 
 from conntracct.config import parse_config  # noqa: E402
 from conntracct.flow import DESTROY, NEW, UPDATE, FlowEvent  # noqa: E402
@@ -32,6 +23,7 @@ from conntracct.sinks import create_sink  # noqa: E402
 from conntracct.sinks.base import PermanentSinkError, TransientSinkError  # noqa: E402
 from conntracct.sinks.elasticsearch import ElasticsearchSink, flow_document, index_templates  # noqa: E402
 from tests.servers.es_double import EsDouble  # noqa: E402
+from tests.unit.sample_flows import T0, flow  # noqa: E402
 
 STOP = T0 + 5_000_000_000
 DAY_INDEX = "conntracct-flows-2026.11.18"

@@ -11,15 +11,10 @@ import shutil
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-try:
-    from tests.netns import Topology, cleanup_stale, find_flows, list_namespaces, parse_flow_line, parse_stats
-except ImportError:  # run from elsewhere than the repository root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests.netns import Topology, cleanup_stale, find_flows, list_namespaces, parse_flow_line, parse_stats
+from tests.netns import Topology, cleanup_stale, find_flows, list_namespaces, parse_flow_line, parse_stats
 
 _MISSING = [tool for tool in ("ip", "nft", "conntrack") if shutil.which(tool) is None]
 _skip_unless_root = pytest.mark.skipif(

@@ -8,11 +8,9 @@ query API.  No root needed."""
 from __future__ import annotations
 
 import socket
-import sys
 import time
 import urllib.error
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -23,12 +21,6 @@ from conntracct.selfmetrics import Stats
 from conntracct.sinks import create_sink
 from conntracct.sinks.base import PermanentSinkError
 from conntracct.sinks.prometheus import PrometheusSink
-
-try:
-    from tests.servers.prometheus import prometheus_server  # noqa: F401 - the fixture
-except ImportError:   # run from elsewhere than the repository root
-    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    from tests.servers.prometheus import prometheus_server  # noqa: F401 - the fixture
 
 T0 = 1_795_000_000_000_000_000
 PROBE = {"received_new": 3, "received_update": 2, "received_destroy": 1, "probe_records_lost": 4,

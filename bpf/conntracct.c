@@ -84,6 +84,7 @@ struct flow_state {
     u64 next_emit;          // bpf_ktime_get_ns() before which no UPDATE is sent
     u64 packets[2];         // totals in the previous record
     u64 bytes[2];
+    u64 flags;              // FLAG_BACKDATED, carried by every later record
 };
 
 struct netns_cache {
@@ -167,9 +168,10 @@ static __always_inline int account(void *ct, int destroy) {
     struct flow_state fresh = {};
     if (destroy) {
         kind = KIND_DESTROY;
-        if (st)
+        if (st) {
             fresh = *st;
-        else
+            flags |= fresh.flags;
+        } else
             flags |= FLAG_FIRST_SIGHT;
         if (st && flows.delete(&key) == 0)
             count(STAT_STATE_DELETES);
@@ -182,6 +184,7 @@ static __always_inline int account(void *ct, int destroy) {
             return 0;
         kind = KIND_UPDATE;
         fresh = *st;
+        flags |= fresh.flags;
     } else {
         kind = KIND_NEW;
         fresh.first_seen = now;
@@ -223,6 +226,7 @@ static __always_inline int account(void *ct, int destroy) {
             fresh.packets[1] = acct[2];
             fresh.bytes[1] = acct[3];
             flags |= FLAG_BACKDATED;
+            fresh.flags = FLAG_BACKDATED;
         } else {
             fresh.next_emit = now + update_interval(age);
         }

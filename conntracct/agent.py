@@ -84,7 +84,8 @@ class Agent:
         self.pipeline.start()
         try:
             self.source = FlowSource(mode, probe_settings(cfg), emit, stamped,
-                                     netlink_rcvbuf=int(cfg.probe.netlink_rcvbuf))
+                                     netlink_rcvbuf=int(cfg.probe.netlink_rcvbuf),
+                                     sweep_interval_s=cfg.probe.sweep_interval)
         except ProbeError as e:
             self.pipeline.close(0)
             raise EnvironmentProblem(f"{e}. `conntracct check` shows what this kernel allows.") from None

@@ -114,6 +114,9 @@ class ProbeConfig(StrictModel):
     max_flows: int = Field(262144, ge=1024)
     ringbuf_pages: Annotated[int, Field(ge=1)] = 256
     netlink_rcvbuf: Annotated[ByteSize, Field(ge=65536)] = 64 * 1024 * 1024
+    # netfilter mode: how often to look for the end of flows conntrack sends
+    # no DESTROY event for (they predate any event listener).
+    sweep_interval: PositiveDuration = 30.0
 
     _check_curve = field_validator("rate_curve")(_check_rate_curve)
     _check_pages = field_validator("ringbuf_pages")(_power_of_two)

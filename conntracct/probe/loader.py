@@ -143,8 +143,9 @@ class Probe:
         """Hand over every record queued now, without waiting."""
         self.bpf.ring_buffer_consume()
 
-    def take_flow_state(self, key: bytes) -> tuple[int, int, int, int, int, int] | None:
-        """Remove a flow's kernel-side state: (first_seen, next_emit, pkts_o, pkts_r, bytes_o, bytes_r)."""
+    def take_flow_state(self, key: bytes) -> tuple[int, ...] | None:
+        """Remove a flow's kernel-side state:
+        (first_seen, next_emit, pkts_o, pkts_r, bytes_o, bytes_r, flags)."""
         raw = self._taker.take(key)
         return FLOW_STATE.unpack(raw) if raw is not None else None
 

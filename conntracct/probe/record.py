@@ -24,8 +24,8 @@ RECORD_FIELDS = [
 RECORD = struct.Struct("<" + "".join(fmt for _, fmt in RECORD_FIELDS))
 # struct flow_key: the original tuple, netns, zone, pad
 FLOW_KEY = struct.Struct("<40sIH2x")
-# struct flow_state: first_seen, next_emit, packets[2], bytes[2]
-FLOW_STATE = struct.Struct("<QQ2Q2Q")
+# struct flow_state: first_seen, next_emit, packets[2], bytes[2], flags
+FLOW_STATE = struct.Struct("<QQ2Q2QQ")
 
 # "track" is agent-internal: a back-dated flow whose end must be swept for.
 TRACK = "track"

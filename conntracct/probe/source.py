@@ -117,6 +117,7 @@ class FlowSource:
             self.counts["state_deletes"] += 1
             first_seen = state[0]
             last = (state[2], state[4], state[3], state[5])   # pkts_o, bytes_o, pkts_r, bytes_r
+            flags |= state[6]
         po, bo, pr, br = e.counters or (0, 0, 0, 0)
         return FlowEvent(
             kind=DESTROY, flow_id=flow_id(orig_raw, e.zone, self._netns, e.start_ns or first_seen),
@@ -160,7 +161,7 @@ class FlowSource:
             return
         orig_raw, netns, zone = FLOW_KEY.unpack(key)
         orig, family, proto, icmp = decode_tuple(orig_raw)
-        first_seen, _, po, pr, bo, br = state
+        first_seen, _, po, pr, bo, br, state_flags = state
         self.counts["ends_unseen"] += 1
         self._deliver(FlowEvent(
             kind=DESTROY, flow_id=flow_id(orig_raw, zone, netns, start_ns or first_seen),
@@ -169,7 +170,7 @@ class FlowSource:
             packets_orig=po, bytes_orig=bo, packets_reply=pr, bytes_reply=br,
             delta_packets_orig=0, delta_bytes_orig=0, delta_packets_reply=0, delta_bytes_reply=0,
             start_ns=start_ns, stop_ns=0, ts_ns=time.time_ns(), zone=zone, netns=netns,
-            flags=FLAG_END_UNSEEN | (0 if start_ns else FLAG_NO_TSTAMP), icmp=icmp))
+            flags=FLAG_END_UNSEEN | state_flags | (0 if start_ns else FLAG_NO_TSTAMP), icmp=icmp))
 
     # -- the reader loop -----------------------------------------------------------
     def run(self, stop: threading.Event) -> None:

@@ -1,0 +1,101 @@
+"""The real agent (`python -m conntracct run`) started in a test namespace,
+with its JSON-lines stdout collected as records."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# A fast rate curve so tests see several UPDATEs within seconds.
+FAST_CURVE = [{"below": "3s", "every": "1s"}, {"then": "2s"}]
+FAST_CURVE_NS = [(3_000_000_000, 1_000_000_000)], 2_000_000_000
+
+
+def curve_interval_ns(age_ns: int) -> int:
+    steps, final = FAST_CURVE_NS
+    for below, every in steps:
+        if age_ns < below:
+            return every
+    return final
+
+
+class RunningAgent:
+    def __init__(self, topo: Any, ns: str = "router", config: dict | None = None, ready_timeout: float = 60):
+        self._dir = Path(tempfile.mkdtemp(prefix="conntracct-agent-"))
+        cfg = {
+            "probe": {"mode": "netfilter", "rate_curve": FAST_CURVE},
+            "sysctl": {"manage": True, "restore": True},
+            "sinks": [{"type": "stdout", "format": "json", "flush_interval": "100ms"}],
+        }
+        cfg.update(config or {})
+        self.config_path = self._dir / "conntracct.yml"
+        self.config_path.write_text(yaml.safe_dump(cfg))
+        self.stdout_path, self.stderr_path = self._dir / "stdout", self._dir / "stderr"
+        with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
+            self.proc = topo.popen(ns, sys.executable, "-m", "conntracct", "run", "-c", str(self.config_path),
+                                   stdout=out, stderr=err)
+        self._wait_for("conntracct running", ready_timeout)
+        self.exit_code: int | None = None
+
+    @property
+    def stderr(self) -> str:
+        return self.stderr_path.read_text()
+
+    def _wait_for(self, text: str, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while text not in self.stderr:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"agent exited {self.proc.returncode} before '{text}':\n{self.stderr}")
+            if time.monotonic() > deadline:
+                raise AssertionError(f"agent not '{text}' within {timeout}s:\n{self.stderr}")
+            time.sleep(0.05)
+
+    def records(self) -> list[dict]:
+        out = []
+        for line in self.stdout_path.read_text().splitlines():
+            out.append(json.loads(line))
+        return out
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
+        self.proc.send_signal(sig)
+        self.exit_code = self.proc.wait(timeout)
+        return self.exit_code
+
+    def wait_for_records(self, predicate, timeout: float = 20) -> list[dict]:
+        """Records once `predicate(records)` holds."""
+        deadline = time.monotonic() + timeout
+        while True:
+            records = self.records()
+            if predicate(records) or time.monotonic() > deadline:
+                return records
+            time.sleep(0.1)
+
+
+def by_flow(records: list[dict]) -> dict[str, list[dict]]:
+    flows: dict[str, list[dict]] = defaultdict(list)
+    for r in records:
+        flows[r["flow_id"]].append(r)
+    return flows
+
+
+def find(flows: dict[str, list[dict]], **want) -> list[list[dict]]:
+    """Flows whose first record's orig tuple / protocol match, e.g. proto="tcp", sport=40000."""
+    out = []
+    for recs in flows.values():
+        first = recs[0]
+        orig = first["orig"]
+        fields = {"proto": first["protocol"], "family": first["family"], "src": orig["src"], "dst": orig["dst"],
+                  "sport": orig["sport"], "dport": orig["dport"],
+                  "icmp_id": (first.get("icmp") or {}).get("id")}
+        if all(fields[k] == v for k, v in want.items()):
+            out.append(recs)
+    return out

@@ -37,7 +37,7 @@ def assert_flow_lifecycle(recs: list[dict]) -> None:
     # age at the previous record (the kernel schedules it from there).
     start = recs[0]["start_ns"]
     assert start > 0
-    for prev, cur in zip(recs, recs[1:]):
+    for prev, cur in zip(recs, recs[1:], strict=False):
         if cur["kind"] == "update":
             gap = cur["timestamp_ns"] - prev["timestamp_ns"]
             allowed = curve_interval_ns(prev["timestamp_ns"] - start)

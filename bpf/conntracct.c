@@ -72,11 +72,14 @@ struct flow_record {
     u8 _pad[3];
 };
 
+// A flow instance: its tuple, and its start time, because a new connection
+// may reuse the tuple before the agent has processed the old one's end.
 struct flow_key {
     struct ct_tuple orig;
     u32 netns;
     u16 zone;
     u8 _pad[2];
+    u64 start_ns;           // timestamp extension's start, 0 without one
 };
 
 struct flow_state {
@@ -156,14 +159,28 @@ static __always_inline int account(void *ct, int destroy) {
     if (!destroy && (status & (1UL << IPS_DYING_BIT)))
         return 0;
 
+    // Extensions: their offsets, and the timestamps (part of the flow's key).
+    u64 ext = *(u64 *)(c + CT_EXT);
+    u8 ext_off[EXT_NUM] = {};
+    u64 tstamp[2] = {};     // start, stop
+    u8 flags = 0;
+    if (ext)
+        bpf_probe_read_kernel(ext_off, sizeof(ext_off), (void *)(ext + EXT_OFFSET));
+    if (ext_off[EXT_TSTAMP_ID])
+        bpf_probe_read_kernel(tstamp, sizeof(tstamp), (void *)(ext + ext_off[EXT_TSTAMP_ID] + TSTAMP_START));
+    else
+        flags |= FLAG_NO_TSTAMP;
+    if (!ext_off[EXT_ECACHE_ID])
+        flags |= FLAG_NO_EVENTS;
+
     struct flow_key key = {};
     copy_tuple(&key.orig, c + CT_TUPLE_ORIG);
     key.netns = netns_inum(*(u64 *)(c + CT_NET));
     key.zone = *(u16 *)(c + CT_ZONE_ID);
+    key.start_ns = tstamp[0];
 
     u64 now = bpf_ktime_get_ns();
     u8 kind;
-    u8 flags = 0;
     struct flow_state *st = flows.lookup(&key);
     struct flow_state fresh = {};
     if (destroy) {
@@ -190,23 +207,11 @@ static __always_inline int account(void *ct, int destroy) {
         fresh.first_seen = now;
     }
 
-    // Extensions: accounting counters and timestamps.
-    u64 ext = *(u64 *)(c + CT_EXT);
-    u8 ext_off[EXT_NUM] = {};
     u64 acct[4] = {};       // orig packets, orig bytes, reply packets, reply bytes
-    u64 tstamp[2] = {};     // start, stop
-    if (ext)
-        bpf_probe_read_kernel(ext_off, sizeof(ext_off), (void *)(ext + EXT_OFFSET));
     if (ext_off[EXT_ACCT_ID])
         bpf_probe_read_kernel(acct, sizeof(acct), (void *)(ext + ext_off[EXT_ACCT_ID] + ACCT_COUNTER));
     else
         flags |= FLAG_NO_ACCT;
-    if (!ext_off[EXT_ECACHE_ID])
-        flags |= FLAG_NO_EVENTS;
-    if (ext_off[EXT_TSTAMP_ID])
-        bpf_probe_read_kernel(tstamp, sizeof(tstamp), (void *)(ext + ext_off[EXT_TSTAMP_ID] + TSTAMP_START));
-    else
-        flags |= FLAG_NO_TSTAMP;
 
     u64 wall_now = now + setting(SET_WALL_OFFSET);
     u64 age = tstamp[0] && wall_now > tstamp[0] ? wall_now - tstamp[0] : now - fresh.first_seen;

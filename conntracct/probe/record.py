@@ -22,8 +22,8 @@ RECORD_FIELDS = [
     ("flags", "B"), ("_pad", "3x"),
 ]
 RECORD = struct.Struct("<" + "".join(fmt for _, fmt in RECORD_FIELDS))
-# struct flow_key: the original tuple, netns, zone, pad
-FLOW_KEY = struct.Struct("<40sIH2x")
+# struct flow_key: the original tuple, netns, zone, pad, start
+FLOW_KEY = struct.Struct("<40sIH2xQ")
 # struct flow_state: first_seen, next_emit, packets[2], bytes[2], flags
 FLOW_STATE = struct.Struct("<QQ2Q2QQ")
 
@@ -98,8 +98,8 @@ def decode(raw: bytes, wall_offset_ns: int) -> FlowEvent:
 
 def record_key(raw: bytes) -> bytes:
     """The probe's state-map key (struct flow_key) of the flow a raw record is about."""
-    _, _, _, _, _, _, _, _, _, _, _, _, _, orig, _, netns, _, zone, *_ = RECORD.unpack_from(raw)
-    return FLOW_KEY.pack(orig, netns, zone)
+    _, start, _, _, _, _, _, _, _, _, _, _, _, orig, _, netns, _, zone, *_ = RECORD.unpack_from(raw)
+    return FLOW_KEY.pack(orig, netns, zone, start)
 
 
 def first_sight_new(event: FlowEvent) -> FlowEvent | None:

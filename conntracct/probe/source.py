@@ -47,8 +47,8 @@ class FlowSource:
         self.max_flows = settings.max_flows
         self.sweep_interval_s = sweep_interval_s
         # Flows conntrack will send no DESTROY event for (created before any
-        # listener existed): key -> (reply tuple, start).  Swept for their end.
-        self._unevented: dict[bytes, tuple[FlowTuple, int]] = {}
+        # listener existed): key -> reply tuple.  Swept for their end.
+        self._unevented: dict[bytes, FlowTuple] = {}
         self._emit = emit
         self.counts: Counter[str] = Counter()
         self._netns = own_netns_inode()
@@ -72,7 +72,7 @@ class FlowSource:
             log.debug("undecodable record: %s", e)
             return
         if event.flags & FLAG_NO_EVENTS and self._destroys and event.kind != DESTROY:
-            self._unevented[record_key(raw)] = (event.reply, event.start_ns)
+            self._unevented[record_key(raw)] = event.reply
         if event.kind != TRACK:
             self._deliver(event)
 
@@ -105,7 +105,7 @@ class FlowSource:
         orig_raw = pack_tuple(e.family, o.proto, o.src, o.dst, o.src_u, o.dst_u)
         orig, family, proto, icmp = decode_tuple(orig_raw)
         reply = decode_tuple(pack_tuple(e.family, r.proto, r.src, r.dst, r.src_u, r.dst_u))[0]
-        key = FLOW_KEY.pack(orig_raw, self._netns, e.zone)
+        key = FLOW_KEY.pack(orig_raw, self._netns, e.zone, e.start_ns)
         self._unevented.pop(key, None)
         state = self.probe.take_flow_state(key)
         flags = 0 if e.counters else FLAG_NO_ACCT
@@ -136,7 +136,7 @@ class FlowSource:
         for e in ctnetlink.dump():
             o = e.orig
             live.add(FLOW_KEY.pack(pack_tuple(e.family, o.proto, o.src, o.dst, o.src_u, o.dst_u),
-                                   self._netns, e.zone))
+                                   self._netns, e.zone, e.start_ns))
         for key in [bytes(k) for k in self.probe.bpf["flows"].keys()]:
             if key not in live:
                 self._end_unseen(key)
@@ -144,7 +144,7 @@ class FlowSource:
     def sweep(self) -> None:
         """Report the end of flows conntrack sends no event for, once they are gone."""
         for key in list(self._unevented):
-            orig_raw, _, zone = FLOW_KEY.unpack(key)
+            orig_raw, _, zone, _ = FLOW_KEY.unpack(key)
             src, dst, src_u, dst_u, family, proto = TUPLE.unpack(orig_raw)
             width = 4 if family == socket.AF_INET else 16
             orig = ctnetlink.CtTuple(src[:width], dst[:width], proto,
@@ -155,11 +155,11 @@ class FlowSource:
     def _end_unseen(self, key: bytes) -> None:
         """A DESTROY for a tracked flow whose end event never came: the last
         totals the probe saw, flagged end_unseen; its kernel state is freed."""
-        reply, start_ns = self._unevented.pop(key, (None, 0))
+        reply = self._unevented.pop(key, None)
         state = self.probe.take_flow_state(key)
         if state is None:
             return
-        orig_raw, netns, zone = FLOW_KEY.unpack(key)
+        orig_raw, netns, zone, start_ns = FLOW_KEY.unpack(key)
         orig, family, proto, icmp = decode_tuple(orig_raw)
         first_seen, _, po, pr, bo, br, state_flags = state
         self.counts["ends_unseen"] += 1

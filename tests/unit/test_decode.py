@@ -69,10 +69,10 @@ def test_flow_id_is_stable_and_distinguishes_flows():
     assert 0 <= a < 2**63
 
 
-def test_record_key_is_tuple_netns_zone():
+def test_record_key_is_tuple_netns_zone_start():
     orig = pack_tuple(socket.AF_INET, 6, V4_A, V4_B, 40000, 80)
     key = record_key(raw_record(orig, orig, zone=3))
-    assert key == orig + struct.pack("<IH2x", 4026531840, 3)
+    assert key == orig + struct.pack("<IH2xQ", 4026531840, 3, 1_700_000_000_000_000_000)
 
 
 def test_first_sight_destroy_gets_a_new_first():

@@ -31,6 +31,34 @@ def probe_settings(config: Config) -> ProbeSettings:
                          max_flows=config.probe.max_flows, ringbuf_pages=config.probe.ringbuf_pages)
 
 
+class LossWatch:
+    """Logs, at most every `interval` seconds, when a loss counter has grown."""
+
+    PROBE_LOSSES = {"probe_records_lost": "records lost: ring buffer full (raise probe.ringbuf_pages)",
+                    "probe_state_full": "flows not tracked: flow map full (raise probe.max_flows)",
+                    "decode_errors": "undecodable probe records"}
+
+    def __init__(self, interval: float = 10.0):
+        self._interval = interval
+        self._next = time.monotonic() + interval
+        self._seen: dict[str, int] = {}
+
+    def check(self, snapshot) -> None:
+        now = time.monotonic()
+        if now < self._next:
+            return
+        self._next = now + self._interval
+        snap = snapshot()
+        current = {k: snap.get("probe", {}).get(k, 0) for k in self.PROBE_LOSSES}
+        current.update({f"sink {name}": s["dropped"] for name, s in snap["sinks"].items()})
+        for key, value in current.items():
+            grown = value - self._seen.get(key, 0)
+            if grown > 0:
+                what = self.PROBE_LOSSES.get(key, "records dropped (see its dropped_by counters)")
+                log.warning("%s: %d %s", key, grown, what)
+            self._seen[key] = value
+
+
 class Agent:
     def __init__(self, config: Config):
         self.config = config
@@ -104,10 +132,12 @@ class Agent:
         reader.start()
         log.info("conntracct running: config %s, sinks %s", self.config.source,
                  ", ".join(s.name for s in self.config.sinks))
+        losses = LossWatch()
         while not self.stop.wait(1.0):
             if not reader.is_alive():
                 log.error("flow reader stopped unexpectedly; shutting down")
                 break
+            losses.check(self.snapshot)
         self.stop.set()
         return self._shutdown(reader)
 

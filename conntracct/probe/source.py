@@ -30,6 +30,10 @@ from .record import FLOW_KEY, TRACK, TUPLE, decode, decode_tuple, first_sight_ne
 log = logging.getLogger(__name__)
 
 _AF_NUMBER = {socket.AF_INET: 4, socket.AF_INET6: 6}
+# What the source counts (FlowSource.stats()): records per kind, undecodable
+# records, kernel flow state it removed, flows that ended without an end event.
+COUNTERS = ("received_new", "received_update", "received_destroy", "decode_errors", "state_deletes",
+            "ends_unseen", "ctnetlink_overruns")
 
 
 def own_netns_inode() -> int:
@@ -50,7 +54,7 @@ class FlowSource:
         # listener existed): key -> reply tuple.  Swept for their end.
         self._unevented: dict[bytes, FlowTuple] = {}
         self._emit = emit
-        self.counts: Counter[str] = Counter()
+        self.counts: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
         self._netns = own_netns_inode()
         # ctnetlink first: a flow ending between attach and subscribe would leak state.
         self._destroys = ctnetlink.DestroyEvents(netlink_rcvbuf) if mode == "netfilter" else None
@@ -96,6 +100,8 @@ class FlowSource:
         if self._destroys.overruns != self._overruns_seen:
             self.counts["ctnetlink_overruns"] += self._destroys.overruns - self._overruns_seen
             self._overruns_seen = self._destroys.overruns
+            log.warning("ctnetlink receive buffer overrun (ENOBUFS): DESTROY events were lost; "
+                        "reconciling with the conntrack table (raise probe.netlink_rcvbuf)")
             self._recover_lost_ends()
 
     def _destroy_event(self, e: ctnetlink.CtEntry) -> FlowEvent | None:
@@ -206,7 +212,6 @@ class FlowSource:
         out["max_flows"] = self.max_flows
         out["programs"] = self.probe.program_stats()
         if self._destroys:
-            out["ctnetlink_overruns"] = self._destroys.overruns
             out["flows_without_end_events"] = len(self._unevented)
         return out
 

@@ -354,7 +354,9 @@ KRETFUNC_PROBE(__nf_ct_refresh_acct, void *ct) {
     return 0;
 }
 
-KFUNC_PROBE(DESTROY_FUNC, void *ct) {
+// One more macro level so DESTROY_FUNC expands before KFUNC_PROBE pastes it.
+#define KFUNC_PROBE_EXPANDED(func, ...) KFUNC_PROBE(func, __VA_ARGS__)
+KFUNC_PROBE_EXPANDED(DESTROY_FUNC, void *ct) {
     account(ct, 1);
     return 0;
 }

@@ -29,6 +29,18 @@ class ProbeError(Exception):
     """The probe could not be compiled, loaded or attached; the message says why."""
 
 
+def explain(e: BaseException) -> str:
+    """BCC's error as one line a user can act on."""
+    text = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+    if "super-user" in text and os.geteuid() == 0:
+        # BCC's words for any EPERM; as root that is the kernel's refusal.
+        lockdown = Path("/sys/kernel/security/lockdown")
+        why = (f"lockdown: {lockdown.read_text().strip()}" if lockdown.exists()
+               else "kernel lockdown or no BPF trampolines?")
+        text = f"the kernel refused to load it (EPERM) although running as root ({why})"
+    return text
+
+
 @dataclass
 class ProbeSettings:
     rate_curve: list[tuple[int, int]] = field(
@@ -75,7 +87,7 @@ def compile_probe(mode: str, settings: ProbeSettings, destroy: str = DESTROY_FUN
     try:
         return BPF(src_file=str(PROBE_SOURCE).encode(), cflags=cflags(mode, settings, destroy))
     except Exception as e:   # BCC raises bare Exception for compile and attach failures
-        raise ProbeError(f"{mode} probe: {e}") from None
+        raise ProbeError(f"{mode} probe: {explain(e)}") from None
 
 
 class Probe:
@@ -124,7 +136,7 @@ class Probe:
                 b.attach_kprobe(event=destroy, fn_name=b"flow_destroy")
             # fentry programs were attached by BCC when it loaded them.
         except Exception as e:
-            raise ProbeError(f"{self.mode} probe: attach failed: {e}") from None
+            raise ProbeError(f"{self.mode} probe: attach failed: {explain(e)}") from None
 
     @staticmethod
     def _callback_for(on_record):

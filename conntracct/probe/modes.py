@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import bpfsys
 from .btf import BTFError, kernel_btf
-from .loader import MODES, REFRESH_FUNC, destroy_func
+from .loader import MODES, REFRESH_FUNC, destroy_func, explain
 from .offsets import kernel_offsets
 
 # Cheapest per packet first.
@@ -44,17 +44,6 @@ def _quiet_bpf(text: str):
     from bcc import BPF
     with quiet_stderr():
         return BPF(text=text)
-
-
-def _first_line(e: BaseException) -> str:
-    text = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
-    if "super-user" in text and os.geteuid() == 0:
-        # BCC's words for any EPERM; as root that is the kernel's refusal.
-        lockdown = Path("/sys/kernel/security/lockdown")
-        why = (f"lockdown: {lockdown.read_text().strip()}" if lockdown.exists()
-               else "kernel lockdown or no BPF trampolines?")
-        text = f"the kernel refused to load it (EPERM) although running as root ({why})"
-    return text
 
 
 def check_privileges() -> Check:
@@ -110,7 +99,7 @@ def try_fentry() -> Check:
                        f"KFUNC_PROBE({destroy}, void *ct) {{ return 0; }}\n")
         b.cleanup()
     except Exception as e:
-        return Check("fentry", False, f"fentry/fexit on {REFRESH_FUNC}: {_first_line(e)}")
+        return Check("fentry", False, f"fentry/fexit on {REFRESH_FUNC}: {explain(e)}")
     return Check("fentry", True, f"fexit {REFRESH_FUNC} + fentry {destroy} attach")
 
 
@@ -123,7 +112,7 @@ def try_kprobe() -> Check:
         finally:
             b.cleanup()
     except Exception as e:
-        reason = _first_line(e)
+        reason = explain(e)
         if not Path("/sys/kernel/tracing/kprobe_events").exists() and \
                 not Path("/sys/kernel/debug/tracing/kprobe_events").exists():
             reason += " (no kprobe_events: kernel built without CONFIG_KPROBES?)"
@@ -141,7 +130,7 @@ def try_netfilter() -> Check:
         finally:
             b.cleanup()
     except Exception as e:
-        return Check("netfilter", False, f"BPF netfilter link: {_first_line(e)} (needs Linux 6.4+)")
+        return Check("netfilter", False, f"BPF netfilter link: {explain(e)} (needs Linux 6.4+)")
     return Check("netfilter", True, "BPF_PROG_TYPE_NETFILTER links attach (this network namespace)")
 
 

@@ -62,7 +62,7 @@ def destroy_func() -> str:
     """The conntrack destructor this kernel has (named by /proc/kallsyms)."""
     from bcc import BPF
     for name in DESTROY_FUNCS:
-        if BPF.ksymname(name) != -1:
+        if BPF.ksymname(name.encode()) != -1:
             return name
     raise ProbeError(f"none of the conntrack destructors {DESTROY_FUNCS} is in /proc/kallsyms")
 
@@ -131,9 +131,9 @@ class Probe:
                 for family, hook in bpfsys.PROBE_HOOKS:
                     self._links.append(bpfsys.link_netfilter(fn.fd, family, hook))
             elif self.mode == "kprobe":
-                b.attach_kprobe(event=REFRESH_FUNC, fn_name=b"refresh_enter")
-                b.attach_kretprobe(event=REFRESH_FUNC, fn_name=b"refresh_return")
-                b.attach_kprobe(event=destroy, fn_name=b"flow_destroy")
+                b.attach_kprobe(event=REFRESH_FUNC.encode(), fn_name=b"refresh_enter")
+                b.attach_kretprobe(event=REFRESH_FUNC.encode(), fn_name=b"refresh_return")
+                b.attach_kprobe(event=destroy.encode(), fn_name=b"flow_destroy")
             # fentry programs were attached by BCC when it loaded them.
         except Exception as e:
             raise ProbeError(f"{self.mode} probe: attach failed: {explain(e)}") from None

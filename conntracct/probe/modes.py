@@ -43,7 +43,7 @@ def quiet_stderr():
 def _quiet_bpf(text: str):
     from bcc import BPF
     with quiet_stderr():
-        return BPF(text=text)
+        return BPF(text=text.encode())
 
 
 def check_privileges() -> Check:
@@ -108,7 +108,7 @@ def try_kprobe() -> Check:
         b = _quiet_bpf("int probe(void *ctx) { return 0; }")
         try:
             with quiet_stderr():
-                b.attach_kprobe(event=REFRESH_FUNC, fn_name=b"probe")
+                b.attach_kprobe(event=REFRESH_FUNC.encode(), fn_name=b"probe")
         finally:
             b.cleanup()
     except Exception as e:

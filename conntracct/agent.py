@@ -7,7 +7,7 @@ import signal
 import threading
 import time
 
-from . import sysctl
+from . import netns, sysctl
 from .config import Config
 from .enrich import Enricher
 from .flow import FlowEvent
@@ -77,28 +77,17 @@ class Agent:
 
     def _start(self) -> None:
         cfg = self.config
-        mode, _checks, why = choose_mode(cfg.probe.mode)
-        if mode is None:
-            raise EnvironmentProblem(
-                f"conntracct cannot attach its probe (probe.mode: {cfg.probe.mode}): {why}. "
-                "Run `conntracct check` for the full table; as root on a fresh Debian host, "
-                "`./tasks.py setup` installs BCC and a kernel header tree.")
-        log.info("probe mode %s (%s)", mode, why)
-        if cfg.sysctl.manage:
-            try:
-                self._sysctls.enable()
-            except sysctl.SysctlError as e:
-                raise EnvironmentProblem(f"{e}. Run as root in the network namespace to account, "
-                                         "or set sysctl.manage: false and set the sysctls yourself.") from None
-        elif sysctl.read(sysctl.ACCT) != 1:
-            log.warning("net.netfilter.nf_conntrack_acct is off and sysctl.manage is false: "
-                        "flows will carry no counters")
-        stamped = sysctl.read(sysctl.TIMESTAMP) == 1
         try:
             self.pipeline = Pipeline.from_config(cfg.sinks, self.stats)
         except SinkError as e:
             # e.g. a Prometheus endpoint whose port is taken
             raise EnvironmentProblem(str(e)) from None
+        try:
+            with netns.entered(cfg.probe.netns):
+                mode = self._choose_mode()
+                stamped = self._sysctls_ready()
+        except netns.NetnsError as e:
+            raise EnvironmentProblem(f"probe.netns: {e}") from None
         enrich = Enricher(cfg.enrich, self.stats.stage("enrich"))
         offer = self.pipeline.offer
 
@@ -113,10 +102,38 @@ class Agent:
         try:
             self.source = FlowSource(mode, probe_settings(cfg), emit, stamped,
                                      netlink_rcvbuf=int(cfg.probe.netlink_rcvbuf),
-                                     sweep_interval_s=cfg.probe.sweep_interval)
+                                     sweep_interval_s=cfg.probe.sweep_interval, netns_path=cfg.probe.netns)
         except ProbeError as e:
-            self.pipeline.close(0)
             raise EnvironmentProblem(f"{e}. `conntracct check` shows what this kernel allows.") from None
+
+    def _choose_mode(self) -> str:
+        requested = self.config.probe.mode
+        mode, _checks, why = choose_mode(requested)
+        if mode is None:
+            raise EnvironmentProblem(
+                f"conntracct cannot attach its probe (probe.mode: {requested}): {why}. "
+                "Run `conntracct check` for the full table; as root on a fresh Debian host, "
+                "`./tasks.py setup` installs BCC and a kernel header tree.")
+        log.info("probe mode %s (%s)", mode, why)
+        return mode
+
+    def _sysctls_ready(self) -> bool:
+        """Accounting and timestamps on (when managed); True if timestamps are."""
+        if self.config.sysctl.manage:
+            try:
+                self._sysctls.enable()
+            except sysctl.SysctlError as e:
+                raise EnvironmentProblem(f"{e}. Run as root in the network namespace to account, "
+                                         "or set sysctl.manage: false and set the sysctls yourself.") from None
+        elif sysctl.read(sysctl.ACCT) != 1:
+            log.warning("net.netfilter.nf_conntrack_acct is off and sysctl.manage is false: "
+                        "flows will carry no counters")
+        return sysctl.read(sysctl.TIMESTAMP) == 1
+
+    def _restore_sysctls(self) -> None:
+        if self.config.sysctl.manage and self.config.sysctl.restore:
+            with netns.entered(self.config.probe.netns):
+                self._sysctls.restore()
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT (or self.stop); drain, flush, exit status 0."""
@@ -125,8 +142,9 @@ class Agent:
         try:
             self._start()
         except EnvironmentProblem:
-            if self.config.sysctl.manage and self.config.sysctl.restore:
-                self._sysctls.restore()
+            self._restore_sysctls()
+            if self.pipeline is not None:
+                self.pipeline.close(0)
             raise
         reader = threading.Thread(target=self.source.run, args=(self.stop,), name="flow-reader", daemon=True)
         reader.start()
@@ -148,8 +166,7 @@ class Agent:
         summary = self.snapshot()
         self.source.close()
         self.pipeline.close(max(0.0, deadline - (time.monotonic() - started)))
-        if self.config.sysctl.manage and self.config.sysctl.restore:
-            self._sysctls.restore()
+        self._restore_sysctls()
         log.info("conntracct stopped: probe %s", summary.get("probe"))
         for name, sink in self.stats.snapshot()["sinks"].items():
             log.info("sink %s: %s", name, sink)

@@ -13,6 +13,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BeforeValidator,
     Field,
     PlainValidator,
@@ -102,6 +103,12 @@ def _check_rate_curve(steps: list[RateStep]) -> list[RateStep]:
     return steps
 
 
+def _existing_path(value: str | None) -> str | None:
+    if value is not None and not os.path.exists(value):
+        raise ValueError("expected an existing network namespace file such as /var/run/netns/NAME")
+    return value
+
+
 def _power_of_two(value: int) -> int:
     if value < 1 or value & (value - 1):
         raise ValueError("expected a power of two such as 64, 128 or 256")
@@ -117,6 +124,9 @@ class ProbeConfig(StrictModel):
     # netfilter mode: how often to look for the end of flows conntrack sends
     # no DESTROY event for (they predate any event listener).
     sweep_interval: PositiveDuration = 30.0
+    # The network namespace to account (a path such as /var/run/netns/NAME or
+    # /proc/PID/ns/net); default: the agent's own.  Sinks stay in the agent's.
+    netns: Annotated[str | None, AfterValidator(_existing_path)] = None
 
     _check_curve = field_validator("rate_curve")(_check_rate_curve)
     _check_pages = field_validator("ringbuf_pages")(_power_of_two)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import select
 import socket
 import threading
@@ -12,6 +11,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 
+from .. import netns
 from ..flow import (
     DESTROY,
     FLAG_END_UNSEEN,
@@ -36,17 +36,13 @@ COUNTERS = ("received_new", "received_update", "received_destroy", "decode_error
             "ends_unseen", "ctnetlink_overruns")
 
 
-def own_netns_inode() -> int:
-    return os.stat("/proc/self/ns/net").st_ino
-
-
 class FlowSource:
     """Reads the probe (and ctnetlink) on one thread, so a flow's NEW always
     precedes its DESTROY, and hands each FlowEvent to `emit`."""
 
     def __init__(self, mode: str, settings: ProbeSettings, emit: Callable[[FlowEvent], None],
                  stamped_since_start: bool, netlink_rcvbuf: int = 64 << 20,
-                 sweep_interval_s: float = 30.0):
+                 sweep_interval_s: float = 30.0, netns_path: str | None = None):
         self.mode = mode
         self.max_flows = settings.max_flows
         self.sweep_interval_s = sweep_interval_s
@@ -55,7 +51,15 @@ class FlowSource:
         self._unevented: dict[bytes, FlowTuple] = {}
         self._emit = emit
         self.counts: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
-        self._netns = own_netns_inode()
+        # Create everything inside the namespace to account: links and
+        # sockets stay bound to it.
+        self._netns_path = netns_path
+        with netns.entered(netns_path):
+            self._open(mode, settings, stamped_since_start, netlink_rcvbuf)
+        self._overruns_seen = 0
+
+    def _open(self, mode: str, settings: ProbeSettings, stamped_since_start: bool, netlink_rcvbuf: int) -> None:
+        self._netns = netns.inode()
         # ctnetlink first: a flow ending between attach and subscribe would leak state.
         self._destroys = ctnetlink.DestroyEvents(netlink_rcvbuf) if mode == "netfilter" else None
         try:
@@ -64,7 +68,6 @@ class FlowSource:
             if self._destroys:
                 self._destroys.close()
             raise
-        self._overruns_seen = 0
         self._lookup = ctnetlink.Lookup() if self._destroys else None
 
     # -- records from the probe ---------------------------------------------
@@ -139,7 +142,9 @@ class FlowSource:
         """After ENOBUFS some DESTROY events are gone: flows the probe tracks
         that the table no longer holds ended unseen."""
         live = set()
-        for e in ctnetlink.dump():
+        with netns.entered(self._netns_path):
+            table = ctnetlink.dump()
+        for e in table:
             o = e.orig
             live.add(FLOW_KEY.pack(pack_tuple(e.family, o.proto, o.src, o.dst, o.src_u, o.dst_u),
                                    self._netns, e.zone, e.start_ns))

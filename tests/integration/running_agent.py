@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +29,11 @@ def curve_interval_ns(age_ns: int) -> int:
 
 
 class RunningAgent:
-    def __init__(self, topo: Any, ns: str = "router", config: dict | None = None, ready_timeout: float = 60):
+    """ns: the namespace to run the agent in (None: this one, e.g. with
+    probe.netns pointing at the namespace to account)."""
+
+    def __init__(self, topo: Any, ns: str | None = "router", config: dict | None = None,
+                 ready_timeout: float = 60):
         self._dir = Path(tempfile.mkdtemp(prefix="conntracct-agent-"))
         cfg = {
             "probe": {"mode": "netfilter", "rate_curve": FAST_CURVE},
@@ -39,9 +44,10 @@ class RunningAgent:
         self.config_path = self._dir / "conntracct.yml"
         self.config_path.write_text(yaml.safe_dump(cfg))
         self.stdout_path, self.stderr_path = self._dir / "stdout", self._dir / "stderr"
+        cmd = [sys.executable, "-m", "conntracct", "run", "-c", str(self.config_path)]
         with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
-            self.proc = topo.popen(ns, sys.executable, "-m", "conntracct", "run", "-c", str(self.config_path),
-                                   stdout=out, stderr=err)
+            self.proc = (topo.popen(ns, *cmd, stdout=out, stderr=err) if ns
+                         else subprocess.Popen(cmd, stdout=out, stderr=err))
         self._wait_for("conntracct running", ready_timeout)
         self.exit_code: int | None = None
 
@@ -65,8 +71,13 @@ class RunningAgent:
         return out
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
-        self.proc.send_signal(sig)
-        self.exit_code = self.proc.wait(timeout)
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            self.exit_code = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise
         return self.exit_code
 
     def wait_for_records(self, predicate, timeout: float = 20) -> list[dict]:

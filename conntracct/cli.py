@@ -62,8 +62,13 @@ def run(config_path: str | None, mode: str | None) -> None:
 def check(config_path: str | None, mode: str | None) -> None:
     """Show what this kernel allows and which attach mode `auto` picks, and why."""
     from .check import report
+    from .netns import NetnsError, entered
     config = configured(config_path, mode)
-    text, usable = report(config.probe.mode)
+    try:
+        with entered(config.probe.netns):   # netfilter links are per namespace
+            text, usable = report(config.probe.mode)
+    except NetnsError as e:
+        fail(f"probe.netns: {e}")
     click.echo(text)
     sys.exit(0 if usable else 1)
 

@@ -1,4 +1,4 @@
-"""The command line: conntracct run | check | version."""
+"""The command line: conntracct run | check | test | version."""
 
 from __future__ import annotations
 
@@ -71,6 +71,25 @@ def check(config_path: str | None, mode: str | None) -> None:
         fail(f"probe.netns: {e}")
     click.echo(text)
     sys.exit(0 if usable else 1)
+
+
+@main.command()
+@config_option
+@mode_option
+def test(config_path: str | None, mode: str | None) -> None:
+    """Self-test: send known traffic through private network namespaces and
+    check that the probe reports every flow exactly (exit 1 if not)."""
+    from .agent import EnvironmentProblem
+    from .selftest import run_selftest
+    config = configured(config_path, mode)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        text, passed = run_selftest(config)
+    except EnvironmentProblem as e:
+        fail(str(e))
+    click.echo(text)
+    sys.exit(0 if passed else 1)
 
 
 @main.command()

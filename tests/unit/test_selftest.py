@@ -200,3 +200,47 @@ def test_icmp_echo_checksum_is_valid():
     packet = selftest._icmp_echo(8, 0x1234, 2, 56)
     assert len(packet) == 64 and packet[:2] == b"\x08\x00"
     assert selftest._checksum(packet) == 0
+
+
+class FakeNetwork:
+    def path(self, role):
+        return f"/run/netns/test-{role}"
+
+    def inode(self, role):
+        return ROUTER_NETNS
+
+
+class FakeSource:
+    """Stands in for FlowSource: reports one flow of the router and one of another namespace."""
+    made = []
+
+    def __init__(self, mode, settings, emit, stamped_since_start, netlink_rcvbuf, sweep_interval_s, netns_path):
+        self.mode, self.netns_path, self.emit = mode, netns_path, emit
+        FakeSource.made.append(self)
+
+    def run(self, stop):
+        flow = tcp_flow()
+        mine = event(flow, NEW, TCP_TOTALS)
+        other = event(flow, NEW, TCP_TOTALS)
+        other.netns = ROUTER_NETNS + 1
+        self.emit(other)
+        self.emit(mine)
+        stop.wait()
+
+    def stats(self):
+        return {"probe_records_lost": 0}
+
+    def close(self):
+        pass
+
+
+def test_recorder_attaches_per_mode_and_keeps_the_routers_records(monkeypatch):
+    from conntracct.config import default_config
+    from conntracct.probe import source
+    monkeypatch.setattr(source, "FlowSource", FakeSource)
+    for mode, path in (("kprobe", None), ("fentry", None), ("netfilter", "/run/netns/test-router")):
+        recorder = selftest.Recorder(mode, default_config(), FakeNetwork())
+        assert recorder.wait_for(lambda events: len(events) == 1, 2.0)
+        assert recorder.close() == {"probe_records_lost": 0}
+        assert FakeSource.made[-1].netns_path == path
+        assert [e.netns for e in recorder.events] == [ROUTER_NETNS] and recorder.elsewhere == 1

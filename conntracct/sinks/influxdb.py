@@ -54,7 +54,7 @@ from ..configtypes import (
     config_errors,
     resolve_secret,
 )
-from ..flow import DESTROY, FLAG_NO_ACCT, ICMP_PROTOS, KINDS, FlowEvent
+from ..flow import DESTROY, FLAG_NO_ACCT, ICMP_PROTOS, IPPROTO_NAMES, KINDS, TCP_STATES, FlowEvent
 from .base import PermanentSinkError, Sink, SinkConfig, TransientSinkError
 from .records import flow_id_text
 from .stdout import PORT_PROTOS
@@ -215,6 +215,11 @@ class InfluxDBConfig(SinkConfig):
 
 RECENT_POINTS = 65536   # (series, timestamp) pairs remembered across batches, per generation
 
+# Tags and fields that depend on one small number, formatted once.
+_FAMILY_TAGS = {number: f"family={name}" for number, name in FAMILY_NAMES.items()}
+_PROTOCOL_TAGS = {number: f"protocol={name}" for number, name in IPPROTO_NAMES.items()}
+_TCP_STATE_FIELDS = tuple(f',tcp_state="{name}"' for name in TCP_STATES)
+
 
 class LineFormatter:
     """FlowEvent -> line-protocol point, split as (series, fields): the series
@@ -222,6 +227,7 @@ class LineFormatter:
 
     def __init__(self, measurement: str = "ct_acct", source_ports: bool = False, flow_id_tag: bool = False):
         self._measurement = escape_measurement(measurement)
+        self._series_prefix = self._measurement + ","
         self._source_ports = source_ports
         self._flow_id_tag = flow_id_tag
         self._labels: dict[tuple[str, str], str] = {}   # (key, value) -> 'key=value', escaped
@@ -239,15 +245,16 @@ class LineFormatter:
 
     def series(self, e: FlowEvent) -> str:
         o = e.orig
+        proto = e.proto
         # Sorted by key, as InfluxDB keys series: one canonical string per tag set.
-        tags = [f"dst={o.dst}", f"family={FAMILY_NAMES.get(e.family, e.family)}", f"protocol={e.proto_name}",
-                f"src={o.src}"]
-        if e.proto in PORT_PROTOS:
+        tags = [f"dst={o.dst}", _FAMILY_TAGS.get(e.family) or f"family={e.family}",
+                _PROTOCOL_TAGS.get(proto) or f"protocol={proto}", f"src={o.src}"]
+        if proto in PORT_PROTOS:
             tags.append(f"dport={o.dport}")
             if self._source_ports:
                 tags.append(f"sport={o.sport}")
-        if e.nat:
-            r = e.reply
+        r = e.reply
+        if o.src != r.dst or o.dst != r.src or o.sport != r.dport or o.dport != r.sport:   # e.nat
             tags.append(f"reply_dst={r.dst}")
             tags.append(f"reply_src={r.src}")
         if e.zone:
@@ -259,28 +266,34 @@ class LineFormatter:
         if self._flow_id_tag:
             tags.append("flow_id=" + flow_id_text(e.flow_id))
         if e.labels:
-            label = self._label
-            for key, value in e.labels.items():
-                tag = label(key, value)
+            known = self._labels
+            for item in e.labels.items():
+                tag = known.get(item)
+                if tag is None:
+                    tag = self._label(*item)
                 if tag:
                     tags.append(tag)
         tags.sort()
-        return f"{self._measurement},{','.join(tags)}"
+        return self._series_prefix + ",".join(tags)
 
     @staticmethod
     def fields(e: FlowEvent) -> str:
+        finished = "true" if e.kind == DESTROY else "false"
         if e.flags & FLAG_NO_ACCT:   # no accounting: counters are absent, not zero
-            fields = f"flow_id={e.flow_id}i,finished={'true' if e.kind == DESTROY else 'false'}"
+            fields = f"flow_id={e.flow_id}i,finished={finished}"
         else:
             fields = (f"packets_orig={e.packets_orig}i,bytes_orig={e.bytes_orig}i,"
                       f"packets_reply={e.packets_reply}i,bytes_reply={e.bytes_reply}i,"
                       f"delta_packets_orig={e.delta_packets_orig}i,delta_bytes_orig={e.delta_bytes_orig}i,"
                       f"delta_packets_reply={e.delta_packets_reply}i,delta_bytes_reply={e.delta_bytes_reply}i,"
-                      f"flow_id={e.flow_id}i,finished={'true' if e.kind == DESTROY else 'false'}")
-        if e.proto == 6:
-            fields += f',tcp_state="{e.tcp_state_name}"'
-        elif e.icmp is not None and e.proto in ICMP_PROTOS:
-            fields += ",icmp_type={}i,icmp_code={}i,icmp_id={}i".format(*e.icmp)
+                      f"flow_id={e.flow_id}i,finished={finished}")
+        proto = e.proto
+        if proto == 6:
+            state = e.tcp_state
+            fields += _TCP_STATE_FIELDS[state] if state < len(_TCP_STATE_FIELDS) else f',tcp_state="{state}"'
+        elif proto in ICMP_PROTOS and e.icmp is not None:
+            icmp_type, code, ident = e.icmp
+            fields += f",icmp_type={icmp_type}i,icmp_code={code}i,icmp_id={ident}i"
         return fields
 
     def line(self, e: FlowEvent) -> str:

@@ -383,3 +383,74 @@ def test_tls_untrusted_certificate_is_permanent_and_ca_file_or_verify_false_fix_
     _sink(url, api, tls=f"{{ca_file: {tls_server.ca_file}}}").write([flow(UPDATE)])
     _sink(url, api, tls="{verify: false}").write([flow(UPDATE)])
     assert len(tls_server.requests) == 2
+
+
+class ReferenceFormatter(LineFormatter):
+    """The formatter as first written (before it was tuned for throughput):
+    the tuned one must give exactly the same series and fields."""
+
+    def series(self, e):
+        o = e.orig
+        tags = [f"dst={o.dst}", f"family={ {4: 'ipv4', 6: 'ipv6'}.get(e.family, e.family)}",
+                f"protocol={e.proto_name}", f"src={o.src}"]
+        if e.proto in (6, 17, 33, 132, 136):
+            tags.append(f"dport={o.dport}")
+            if self._source_ports:
+                tags.append(f"sport={o.sport}")
+        if e.nat:
+            tags += [f"reply_dst={e.reply.dst}", f"reply_src={e.reply.src}"]
+        if e.zone:
+            tags.append(f"zone={e.zone}")
+        if e.netns:
+            tags.append(f"netns={e.netns}")
+        if e.mark:
+            tags.append(f"mark={e.mark:#x}")
+        if self._flow_id_tag:
+            tags.append(f"flow_id={e.flow_id:016x}")
+        for key, value in e.labels.items():
+            tag = self._label(key, value)
+            if tag:
+                tags.append(tag)
+        tags.sort()
+        return f"{self._measurement},{','.join(tags)}"
+
+    @staticmethod
+    def fields(e):
+        finished = "true" if e.kind == DESTROY else "false"
+        if e.flags & FLAG_NO_ACCT:
+            fields = f"flow_id={e.flow_id}i,finished={finished}"
+        else:
+            fields = (f"packets_orig={e.packets_orig}i,bytes_orig={e.bytes_orig}i,"
+                      f"packets_reply={e.packets_reply}i,bytes_reply={e.bytes_reply}i,"
+                      f"delta_packets_orig={e.delta_packets_orig}i,delta_bytes_orig={e.delta_bytes_orig}i,"
+                      f"delta_packets_reply={e.delta_packets_reply}i,delta_bytes_reply={e.delta_bytes_reply}i,"
+                      f"flow_id={e.flow_id}i,finished={finished}")
+        if e.proto == 6:
+            fields += f',tcp_state="{e.tcp_state_name}"'
+        elif e.icmp is not None and e.proto in (1, 58):
+            fields += ",icmp_type={}i,icmp_code={}i,icmp_id={}i".format(*e.icmp)
+        return fields
+
+
+def test_tuned_formatter_gives_the_reference_lines():
+    import random
+
+    rng = random.Random(7)
+    addresses = ["192.0.2.2", "198.51.100.2", "203.0.113.9", "2001:db8:1::2", "2001:db8:2::2"]
+    for options in ({}, {"source_ports": True, "flow_id_tag": True, "measurement": "ct acct,x"}):
+        tuned, reference = LineFormatter(**options), ReferenceFormatter(**options)
+        for _ in range(3000):
+            orig = (rng.choice(addresses), rng.choice(addresses), rng.randrange(65536), rng.randrange(65536))
+            # mirrored (no NAT), SNAT, or NAT that changed only one port
+            reply = rng.choice([None, (orig[1], rng.choice(addresses), orig[3], rng.randrange(65536)),
+                                (orig[1], orig[0], orig[3], orig[2] + 1), (orig[1], orig[0], orig[3] + 1, orig[2])])
+            labels = rng.choice([{}, {"direction": "outbound"}, {"site": "fra 1", "direction": "inbound"},
+                                 {"src": "x", "zone": "", "": "y", "flow_id": "a=b", "tail": "c\\"}])
+            e = flow(kind=rng.choice(["new", "update", DESTROY]), orig=orig, reply=reply,
+                     family=rng.choice([4, 6, 7]), proto=rng.choice([6, 17, 1, 58, 132, 47, 250]),
+                     zone=rng.choice([0, 3]), mark=rng.choice([0, 0x1f]), netns=rng.choice([0, 4026531840]),
+                     tcp_state=rng.randrange(12), flags=rng.choice([0, FLAG_NO_ACCT, 1]),
+                     icmp=rng.choice([None, (8, 0, rng.randrange(65536))]), labels=dict(labels))
+            assert tuned.series(e) == reference.series(e)
+            assert tuned.fields(e) == reference.fields(e)
+            assert tuned.line(e) == reference.line(e)

@@ -22,7 +22,8 @@ def flag_names(flags: int) -> list[str]:
 
 
 @lru_cache(maxsize=1024)
-def _utc_second(second: int) -> str:
+def utc_second(second: int) -> str:
+    """'YYYY-MM-DDTHH:MM:SS' (UTC) of a Unix second."""
     # Records cluster within a few seconds: formatting the date once per
     # second saves most of the datetime cost.
     return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
@@ -32,7 +33,7 @@ def rfc3339(ns: int, digits: int = 9) -> str:
     """Wall-clock nanoseconds -> '2026-11-24T10:00:01.123456789Z' (digits: 3, 6 or 9)."""
     second, frac = divmod(ns, 1_000_000_000)
     frac //= 10 ** (9 - digits)
-    return f"{_utc_second(second)}.{frac:0{digits}d}Z"
+    return f"{utc_second(second)}.{frac:0{digits}d}Z"
 
 
 def flow_id_text(flow_id: int) -> str:

@@ -11,7 +11,7 @@ pkts/bytes are original/reply totals, with the gain since the flow's previous
 record in parentheses.  Parts appear only when they apply: the NAT reply tuple,
 TCP state, ICMP `type= code= ident=`, `dur=` once start and stop are known,
 non-zero zone/mark/netns, flags, labels.  IPv6 endpoints are `[addr]:port`.
-JSON: docs/record-fields.md.
+JSON: docs/record-fields.md (records.flow_record, written out by json_line).
 """
 
 from __future__ import annotations
@@ -19,11 +19,12 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Literal
 
 from ..flow import FLAG_NO_ACCT, FlowEvent, FlowTuple
 from .base import PermanentSinkError, Sink, SinkConfig
-from .records import flag_names, flow_id_text, flow_record, rfc3339
+from .records import flag_names, flow_id_text, rfc3339, utc_second
 
 PORT_PROTOS = frozenset({6, 17, 33, 132, 136})   # tcp udp dccp sctp udplite
 
@@ -74,10 +75,57 @@ def text_line(e: FlowEvent) -> str:
 
 
 _ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+# The encoder's own string escaping (ensure_ascii=False): '"', '\\' and control characters.
+_STR = json.encoder.encode_basestring
+
+
+@lru_cache(maxsize=256)
+def _flags_json(flags: int) -> str:
+    return _ENCODE(flag_names(flags))
+
+
+def _time(ns: int) -> str:
+    """'"<rfc3339(ns)>"', quoted (its characters need no escaping)."""
+    second, frac = divmod(ns, 1_000_000_000)
+    return f'"{utc_second(second)}.{frac:09d}Z"'
+
+
+def _nullable_time(ns: int) -> str:
+    return _time(ns) if ns else "null"
+
+
+def _labels_json(labels: dict) -> str:
+    try:
+        return "{" + ",".join([_STR(key) + ":" + _STR(value) for key, value in labels.items()]) + "}"
+    except TypeError:   # not all text: the encoder's own conversions
+        return _ENCODE(labels)
 
 
 def json_line(e: FlowEvent) -> str:
-    return _ENCODE(flow_record(e)) + "\n"
+    """_ENCODE(flow_record(e)) + newline, written out directly: the same text
+    (tests/unit/test_stdout_sink.py compares them) in less than half the time,
+    for the sink that writes every record of a busy host."""
+    o, r = e.orig, e.reply
+    tcp_state = e.tcp_state_name
+    line = (f'{{"kind":{_STR(e.kind)},"flow_id":"{e.flow_id:016x}","family":{e.family:d},'
+            f'"protocol":{_STR(e.proto_name)},"protocol_number":{e.proto:d},'
+            f'"orig":{{"src":{_STR(o.src)},"dst":{_STR(o.dst)},"sport":{o.sport:d},"dport":{o.dport:d}}},'
+            f'"reply":{{"src":{_STR(r.src)},"dst":{_STR(r.dst)},"sport":{r.sport:d},"dport":{r.dport:d}}},'
+            f'"nat":{"true" if e.nat else "false"},'
+            f'"packets_orig":{e.packets_orig:d},"bytes_orig":{e.bytes_orig:d},'
+            f'"packets_reply":{e.packets_reply:d},"bytes_reply":{e.bytes_reply:d},'
+            f'"delta_packets_orig":{e.delta_packets_orig:d},"delta_bytes_orig":{e.delta_bytes_orig:d},'
+            f'"delta_packets_reply":{e.delta_packets_reply:d},"delta_bytes_reply":{e.delta_bytes_reply:d},'
+            f'"start":{_nullable_time(e.start_ns)},"start_ns":{e.start_ns:d},'
+            f'"stop":{_nullable_time(e.stop_ns)},"stop_ns":{e.stop_ns:d},'
+            f'"timestamp":{_time(e.ts_ns)},"timestamp_ns":{e.ts_ns:d},'
+            f'"zone":{e.zone:d},"mark":{e.mark:d},"netns":{e.netns:d},"status":{e.status:d},'
+            f'"tcp_state":{_STR(tcp_state) if tcp_state else "null"},"flags":{_flags_json(e.flags)},'
+            f'"labels":{_labels_json(e.labels) if e.labels else "{}"}')
+    if e.icmp is not None:
+        icmp_type, code, ident = e.icmp
+        line += f',"icmp":{{"type":{icmp_type:d},"code":{code:d},"id":{ident:d}}}'
+    return line + "}\n"
 
 
 FORMATS: dict[str, Callable[[FlowEvent], str]] = {"text": text_line, "json": json_line}

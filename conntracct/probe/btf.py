@@ -42,13 +42,14 @@ class Member:
 class BTF:
     """A parsed BTF blob; `base` is given for split (module) BTF."""
 
-    def __init__(self, data: bytes, base: BTF | None = None):
+    def __init__(self, data: bytes, base: BTF | None = None, origin: str = "vmlinux"):
         magic, _ver, _flags, hdr_len, type_off, type_len, str_off, str_len = struct.unpack_from(
             "<HBBIIIII", data, 0)
         if magic != BTF_MAGIC:
             raise BTFError("not a BTF blob (bad magic)")
         self._data = data
         self._base = base
+        self.origin = origin    # "vmlinux", or the module whose split BTF this is
         self._str_start = hdr_len + str_off
         self._str_end = self._str_start + str_len
         self._str_base = base._str_total if base else 0
@@ -64,7 +65,7 @@ class BTF:
             name_off, info, _ = unpack(data, pos)
             kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
             self._pos.append(pos)
-            if name_off and kind in (KIND_STRUCT, KIND_UNION, KIND_ENUM, KIND_ENUM64, KIND_TYPEDEF):
+            if name_off and kind in (KIND_STRUCT, KIND_UNION, KIND_ENUM, KIND_ENUM64, KIND_TYPEDEF, KIND_FUNC):
                 self._by_name.setdefault((kind, self._str(name_off)), tid)
             fixed, item = _TRAILER.get(kind, (0, 0))
             pos += 12 + fixed + item * vlen
@@ -75,7 +76,7 @@ class BTF:
     @classmethod
     def load(cls, path: str | Path = "/sys/kernel/btf/vmlinux", base: BTF | None = None) -> BTF:
         try:
-            return cls(Path(path).read_bytes(), base)
+            return cls(Path(path).read_bytes(), base, Path(path).name)
         except OSError as e:
             raise BTFError(f"cannot read BTF from {path}: {e.strerror}") from None
 
@@ -111,6 +112,16 @@ class BTF:
     # -- queries --------------------------------------------------------------
     def has_struct(self, name: str) -> bool:
         return self._find((KIND_STRUCT, KIND_UNION), name) is not None
+
+    def func_origin(self, name: str) -> str | None:
+        """Where a kernel function is described: "vmlinux", a module's name
+        (split BTF), or None when no BTF here has it (e.g. it was inlined)."""
+        btf = self
+        while btf is not None:
+            if (KIND_FUNC, name) in btf._by_name:
+                return btf.origin
+            btf = btf._base
+        return None
 
     def resolve(self, tid: int) -> int:
         """Follow typedefs and qualifiers to the underlying type id."""

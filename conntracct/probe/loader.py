@@ -19,7 +19,17 @@ log = logging.getLogger(__name__)
 PROBE_SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "conntracct.c"
 MODES = ("fentry", "kprobe", "netfilter")
 REFRESH_FUNC = "__nf_ct_refresh_acct"
-# The conntrack destructor, called once per entry when its last reference goes.
+# The flow-end hook: the conntrack destructor, called exactly once per entry
+# when its last reference goes, whatever ended it (timeout, gc, flush, early
+# drop, an unconfirmed entry's packet dropped).  nf_ct_put() calls it directly;
+# only a last reference held by an skb goes through the vmlinux wrapper
+# nf_conntrack_destroy() (nf_conntrack_put -> nf_ct_hook->destroy), so hooking
+# that wrapper would miss the entries the table itself frees.  Measured on
+# Debian's 6.1 by tests/integration/test_flow_end_hook.py (./tasks.py vm-test):
+# confirmed entries ended by flush, timeout and early drop reach nf_ct_destroy
+# and not the wrapper; unconfirmed entries dropped in FORWARD reach both.
+# account() ignores unconfirmed entries at both ends, so NEW and DESTROY stay
+# paired.  destroy_conntrack is the destructor's name before Linux 5.19.
 DESTROY_FUNCS = ("nf_ct_destroy", "destroy_conntrack")
 
 SET_WALL_OFFSET, SET_AGENT_START, SET_STAMPED_SINCE_START = 0, 1, 2
@@ -67,6 +77,49 @@ def destroy_func() -> str:
     raise ProbeError(f"none of the conntrack destructors {DESTROY_FUNCS} is in /proc/kallsyms")
 
 
+def fentry_unreachable(destroy: str) -> str | None:
+    """Why BCC cannot attach fentry/fexit to the probe's targets here, or None.
+
+    BCC's KFUNC_PROBE/KRETFUNC_PROBE (0.26, Debian 12's) resolve their target
+    in vmlinux BTF only; a function of a module (nf_conntrack built as one, its
+    functions described by split BTF) needs BCC's MODULE_KFUNC_PROBE
+    (iovisor/bcc#4597, 2023), which this probe does not use."""
+    import bcc
+    btf = kernel_btf()
+    homes = {name: btf.func_origin(name) for name in (REFRESH_FUNC, destroy)}
+    missing = [name for name, home in homes.items() if home is None]
+    if missing:
+        return (f"{' and '.join(missing)} not in kernel BTF (inlined or renamed?): "
+                "fentry/fexit need a BTF-described function")
+    in_modules = sorted({home for home in homes.values() if home != "vmlinux"})
+    if not in_modules:
+        return None
+    names = " and ".join(name for name, home in homes.items() if home != "vmlinux")
+    return (f"{names} {'are' if ' and ' in names else 'is'} in module {', '.join(in_modules)}, not vmlinux: "
+            f"BCC {getattr(bcc, '__version__', '?')} cannot reach a module function with fentry/fexit "
+            "(it looks targets up in vmlinux BTF only)")
+
+
+TRACEFS = Path("/sys/kernel/tracing")
+
+
+def ensure_tracefs() -> None:
+    """BCC attaches kprobes through the perf PMU but detaches them through
+    tracefs (kprobe_events), and fails without it.  `ip netns exec` remounts
+    /sys for the namespace, leaving /sys/kernel/tracing empty: mount tracefs
+    there (in the caller's mount namespace, private under `ip netns exec`)."""
+    if (TRACEFS / "kprobe_events").exists() or Path("/sys/kernel/debug/tracing/kprobe_events").exists():
+        return
+    if not TRACEFS.is_dir() or os.path.ismount(TRACEFS):
+        return      # no tracefs, or one without kprobes: the attach error says so
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(b"tracefs", str(TRACEFS).encode(), b"tracefs", 0, None) != 0:
+        err = ctypes.get_errno()
+        log.warning("cannot mount tracefs at %s (%s): kprobes cannot be detached", TRACEFS, os.strerror(err))
+    else:
+        log.info("mounted tracefs at %s (BCC needs it for kprobes)", TRACEFS)
+
+
 def wall_offset_ns() -> int:
     """Wall clock minus CLOCK_MONOTONIC (bpf_ktime_get_ns), in ns."""
     return time.time_ns() - time.monotonic_ns()
@@ -84,6 +137,10 @@ def cflags(mode: str, settings: ProbeSettings, destroy: str = DESTROY_FUNCS[0]) 
 def compile_probe(mode: str, settings: ProbeSettings, destroy: str = DESTROY_FUNCS[0]):
     """BCC-compile the probe for one mode (fentry programs attach on load)."""
     from bcc import BPF
+    if mode == "fentry":
+        why = fentry_unreachable(destroy)
+        if why:
+            raise ProbeError(f"fentry probe: {why}")
     try:
         return BPF(src_file=str(PROBE_SOURCE).encode(), cflags=cflags(mode, settings, destroy))
     except Exception as e:   # BCC raises bare Exception for compile and attach failures
@@ -131,6 +188,7 @@ class Probe:
                 for family, hook in bpfsys.PROBE_HOOKS:
                     self._links.append(bpfsys.link_netfilter(fn.fd, family, hook))
             elif self.mode == "kprobe":
+                ensure_tracefs()
                 b.attach_kprobe(event=REFRESH_FUNC.encode(), fn_name=b"refresh_enter")
                 b.attach_kretprobe(event=REFRESH_FUNC.encode(), fn_name=b"refresh_return")
                 b.attach_kprobe(event=destroy.encode(), fn_name=b"flow_destroy")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import bpfsys
 from .btf import BTFError, kernel_btf
-from .loader import MODES, REFRESH_FUNC, destroy_func, explain
+from .loader import MODES, REFRESH_FUNC, ProbeError, destroy_func, ensure_tracefs, explain, fentry_unreachable
 from .offsets import kernel_offsets
 
 # Cheapest per packet first.
@@ -88,13 +88,16 @@ def check_btf() -> Check:
 
 
 def try_fentry() -> Check:
-    """fexit on the refresh function and fentry on the destructor."""
-    if Path("/sys/kernel/btf/nf_conntrack").exists():
-        # BCC 0.26 resolves fentry targets in vmlinux BTF only.
-        return Check("fentry", False, "nf_conntrack is a module: this BCC cannot attach fentry/fexit to "
-                                      "module functions (needs a newer BCC)")
+    """fexit on the refresh function and fentry on the destructor, when both
+    are vmlinux functions (the only ones BCC 0.26 can reach)."""
     try:
         destroy = destroy_func()
+        why = fentry_unreachable(destroy)
+    except (ProbeError, BTFError) as e:
+        return Check("fentry", False, str(e))
+    if why:
+        return Check("fentry", False, why)
+    try:
         b = _quiet_bpf(f"KRETFUNC_PROBE({REFRESH_FUNC}, void *ct) {{ return 0; }}\n"
                        f"KFUNC_PROBE({destroy}, void *ct) {{ return 0; }}\n")
         b.cleanup()
@@ -105,6 +108,7 @@ def try_fentry() -> Check:
 
 def try_kprobe() -> Check:
     try:
+        ensure_tracefs()
         b = _quiet_bpf("int probe(void *ctx) { return 0; }")
         try:
             with quiet_stderr():

@@ -11,11 +11,13 @@ the ORIGINAL one.
 from __future__ import annotations
 
 import os
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
-from tests.integration.running_agent import RunningAgent, by_flow, curve_interval_ns, find
+from tests.integration.running_agent import IN_GUEST, TEST_MODE, RunningAgent, by_flow, curve_interval_ns, find
 from tests.netns import Topology, find_flows
 
 pytestmark = [pytest.mark.root,
@@ -125,13 +127,17 @@ def test_destroy_totals_equal_the_live_table_before_expiry(topo):
 
 def test_flows_from_before_the_agent_are_backdated_and_still_end(topo):
     """A flow older than the agent gets no NEW storm; its first record is a
-    back-dated UPDATE, and its end is reported even though conntrack sends
-    no DESTROY event for it (it predates any event listener)."""
+    back-dated UPDATE, and its end is reported.  In netfilter mode conntrack
+    sends no DESTROY event for it (it predates any event listener), so the
+    agent's sweep finds its end (end_unseen, last seen totals); in kprobe and
+    fentry modes the destructor hook reports it with the final totals."""
     topo.set_sysctls("router", {"net.netfilter.nf_conntrack_acct": 1, "net.netfilter.nf_conntrack_timestamp": 1,
-                                "net.netfilter.nf_conntrack_events": 2})
+                                "net.netfilter.nf_conntrack_events": 2,
+                                # outlive the agent's start-up (BCC compiles for ~10 s under emulation)
+                                "net.netfilter.nf_conntrack_icmp_timeout": 300})
     first = topo.ping(2)   # a flow that exists before the agent starts
-    agent = RunningAgent(topo, config={"probe": {"mode": "netfilter", "rate_curve": [{"then": "1s"}],
-                                                       "sweep_interval": "1s"}})
+    agent = RunningAgent(topo, config={"probe": {"mode": TEST_MODE, "rate_curve": [{"then": "1s"}],
+                                                 "sweep_interval": "1s"}})
     topo.ping(6, interval=0.5, ident=first.ident)   # same ICMP flow, now seen by the probe
     topo.flush()
     recs_all = agent.wait_for_records(lambda rs: any(r["kind"] == "destroy" for r in rs), timeout=45)
@@ -140,8 +146,80 @@ def test_flows_from_before_the_agent_are_backdated_and_still_end(topo):
     kinds = [r["kind"] for r in recs]
     assert "new" not in kinds and kinds[-1] == "destroy", kinds
     assert all("backdated" in r["flags"] for r in recs), recs
-    assert "end_unseen" in recs[-1]["flags"]
-    assert recs[-1]["packets_orig"] >= 2
+    if TEST_MODE == "netfilter":
+        assert "end_unseen" in recs[-1]["flags"]
+        assert recs[-1]["packets_orig"] >= 2
+    else:
+        assert "end_unseen" not in recs[-1]["flags"]
+        assert (recs[-1]["packets_orig"], recs[-1]["packets_reply"]) == (8, 8)
+
+
+def _udp_burst(topo, dport: int, sports: range, per_flow: int = 1) -> None:
+    """UDP datagrams from the client, one flow per source port, no server listening."""
+    code = (f"import socket\nfor p in {list(sports)!r}:\n"
+            "    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n"
+            f"    s.bind(({topo.client_v4!r}, p))\n"
+            f"    for _ in range({per_flow}):\n"
+            f"        s.sendto(b'x' * 32, ({topo.server_v4!r}, {dport}))\n"
+            "    s.close()\n")
+    topo.run("client", sys.executable, "-c", code)
+
+
+def test_entries_never_confirmed_produce_no_records(topo):
+    """A packet dropped before conntrack confirms its entry (here in the
+    router's FORWARD chain) leaves an unconfirmed entry that is freed at once.
+    The destructor runs for it (kprobe/fentry modes hook it), but it was never
+    a flow: no NEW, no DESTROY, as the kernel reports none either."""
+    topo.run("router", "nft", "insert rule inet conntracct_test forward udp dport 7 drop")
+    agent = RunningAgent(topo)
+    with topo.conntrack_events(("NEW", "DESTROY")) as cap:
+        _udp_burst(topo, 7, range(41000, 41005), per_flow=2)
+        control = topo.udp_exchange(2, 100)     # a confirmed flow alongside
+        time.sleep(0.5)
+        topo.flush()
+    agent.wait_for_records(lambda rs: any(r["kind"] == "destroy" and r["orig"]["sport"] == control.sport
+                                          for r in rs))
+    assert agent.stop() == 0
+    flows = by_flow(agent.records())
+    assert find_flows(cap.events, proto="udp", orig_dport=7) == []
+    assert find(flows, proto="udp", dport=7) == []
+    [recs] = find(flows, proto="udp", sport=control.sport)
+    assert_flow_lifecycle(recs)
+
+
+CT_GLOBALS = Path("/proc/sys/net/netfilter")
+
+
+@pytest.mark.skipif(not IN_GUEST, reason="needs a disposable kernel: the table size is a global setting "
+                                          "(initial namespace); ./tasks.py vm-test runs this in its guest")
+def test_early_dropped_flows_end_exactly_once(topo):
+    """A full table evicts unreplied entries to make room (early_drop).  Every
+    evicted flow ends exactly once: one NEW, one DESTROY with the kernel's
+    final totals; flows the kernel never admitted leave no record."""
+    saved = {name: (CT_GLOBALS / name).read_text() for name in ("nf_conntrack_max", "nf_conntrack_buckets")}
+    agent = RunningAgent(topo)
+    try:
+        # 8 buckets: early_drop scans 8 of them, so it always finds a victim.
+        (CT_GLOBALS / "nf_conntrack_buckets").write_text("8\n")
+        (CT_GLOBALS / "nf_conntrack_max").write_text("32\n")
+        with topo.conntrack_events(("DESTROY",)) as cap:
+            _udp_burst(topo, 9999, range(42000, 42100), per_flow=2)
+            stats = topo.conntrack_stats()
+            time.sleep(0.5)
+            topo.flush()
+    finally:
+        for name, value in saved.items():
+            (CT_GLOBALS / name).write_text(value)
+    kernel = {e["orig"]["sport"]: e for e in find_flows(cap.events, proto="udp", orig_dport=9999)}
+    assert stats["early_drop"] > 0 and len(kernel) > 32, (stats, len(kernel))
+    agent.wait_for_records(lambda rs: sum(r["kind"] == "destroy" and r["orig"]["dport"] == 9999
+                                          for r in rs) >= len(kernel), timeout=60)
+    assert agent.stop() == 0
+    flows = find(by_flow(agent.records()), proto="udp", dport=9999)
+    assert sorted(recs[0]["orig"]["sport"] for recs in flows) == sorted(kernel)
+    for recs in flows:
+        assert_flow_lifecycle(recs)
+        assert_matches_kernel(recs[-1], kernel[recs[0]["orig"]["sport"]])
 
 
 def test_agent_exits_0_on_sigint_and_leaves_no_programs(topo):

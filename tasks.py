@@ -6,17 +6,28 @@
     ./tasks.py test     set up, then run the whole test suite (args go to pytest)
     ./tasks.py lint     ruff
     ./tasks.py bench    benchmarks, results into bench/README.md
+    ./tasks.py vm-test  the probe tests again in kprobe mode, in a Debian kernel under QEMU
+                        (args: full (default) or reduced, then optional pytest arguments
+                        replacing the suite's tests; outputs in .cache/vm-test/)
 
 Every task is idempotent: a second run does nothing it need not do.
 """
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
 import os
 import platform
+import re
+import select
+import shlex
+import signal
 import subprocess
 import sys
+import time
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
@@ -29,6 +40,16 @@ APT_PACKAGES = [
     # real servers the sink tests write to and query back
     "influxdb", "victoria-metrics", "prometheus",
 ]
+
+# The guest for ./tasks.py vm-test: Debian's stock kernel (the headers above
+# match it), booted by virtme-ng with the host's root filesystem read-only.
+# virtme-ng needs busybox for its initramfs (Debian's 9p and virtio are modules).
+VM_APT_PACKAGES = ["qemu-system-x86", "linux-image-amd64", "busybox-static"]
+VM_VENV = ROOT / ".cache" / "vm-venv"     # virtme-ng only, apart from the project's .venv
+VIRTME_NG = "virtme-ng==1.42"
+VM_OUT = ROOT / ".cache" / "vm-test"
+# Host-side bounds on one VM run (boot + set-up + tests), seconds.
+VM_TIMEOUT = {"full": 2700, "reduced": 1200}
 
 
 def sh(*cmd: str, check: bool = True, **kw) -> subprocess.CompletedProcess:
@@ -109,7 +130,144 @@ def test(args: list[str]) -> None:
     setup()
     os.chdir(ROOT)
     code = subprocess.run([str(PY), "-m", "pytest", *(args or ["tests"])]).returncode
+    if not args:
+        # The whole suite includes the guest run (./tasks.py vm-test): kprobe
+        # mode end to end and mode detection on Debian's stock kernel, about
+        # 10 minutes under TCG.  CONNTRACCT_VM_TESTS=reduced runs a shorter
+        # guest suite, =0 none.
+        suite = os.environ.get("CONNTRACCT_VM_TESTS", "full")
+        why_not = "CONNTRACCT_VM_TESTS=0" if suite == "0" else vm_unavailable()
+        if why_not:
+            print(f"vm-test: skipped: {why_not}", flush=True)
+        else:
+            code = vm_run(suite if suite in VM_TIMEOUT else "full") or code
     sys.exit(code)
+
+
+def _version_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def vm_unavailable() -> str | None:
+    """Why this machine cannot run the guest tests, or None."""
+    if platform.machine() != "x86_64":
+        return f"the guest is an x86_64 Debian kernel; this is {platform.machine()}"
+    os_release = Path("/etc/os-release").read_text() if Path("/etc/os-release").exists() else ""
+    if not re.search(r"^ID=\"?debian\"?$", os_release, re.M):
+        return "not Debian: the guest is Debian's linux-image-amd64, QEMU and virtme-ng's busybox from apt"
+    return None
+
+
+def vm_kernel() -> tuple[str, Path]:
+    """The newest Debian kernel in /boot with its modules and a header tree."""
+    for image in sorted(Path("/boot").glob("vmlinuz-*"), key=lambda p: _version_key(p.name), reverse=True):
+        kver = image.name.removeprefix("vmlinuz-")
+        mod = Path("/lib/modules") / kver
+        if (mod / "kernel").is_dir() and (mod / "build" / "include").is_dir():
+            return kver, image
+    sys.exit("vm-test: no /boot/vmlinuz-* with /lib/modules/<version>/kernel and build/ "
+             "(apt-get install linux-image-amd64 linux-headers-amd64)")
+
+
+def vm_setup() -> tuple[str, Path]:
+    setup()
+    apt_install(VM_APT_PACKAGES)
+    stamp = VM_VENV / ".installed"
+    if not (stamp.exists() and stamp.read_text() == VIRTME_NG):
+        if not (VM_VENV / "bin" / "python").exists():
+            sh("/usr/bin/python3", "-m", "venv", str(VM_VENV))
+        sh(str(VM_VENV / "bin" / "python"), "-m", "pip", "install", "-q", VIRTME_NG)
+        stamp.write_text(VIRTME_NG)
+    return vm_kernel()
+
+
+def vm_accel() -> list[str]:
+    """KVM only on real VT-x/AMD-V (a PVM /dev/kvm runs only its own guests); else TCG."""
+    cpuinfo = Path("/proc/cpuinfo").read_text()
+    if (Path("/dev/kvm").exists() and re.search(r"\b(vmx|svm)\b", cpuinfo)
+            and not Path("/sys/module/kvm_pvm").exists()):
+        return []
+    return ["--disable-kvm", "--qemu-opts=-cpu qemu64"]
+
+
+def vm_run(suite: str, pytest_args: list[str] = ()) -> int:
+    """Boot the guest once, run tests/vm/guest.sh `suite` (or `pytest_args`) in it, print a summary."""
+    kver, image = vm_setup()
+    out = VM_OUT
+    out.mkdir(parents=True, exist_ok=True)
+    lock = open(out.with_suffix(".lock"), "w")   # held until this process exits
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        sys.exit(f"vm-test: another vm-test is running (it holds {lock.name})")
+    for old in out.iterdir():
+        old.unlink()
+    accel = vm_accel()
+    cmd = [str(VM_VENV / "bin" / "vng"), "--run", str(image), *accel, "--cpus", str(min(os.cpu_count() or 1, 4)),
+           "--memory", "2G", "--rwdir", str(out),
+           "--exec", shlex.join([f"{ROOT}/tests/vm/guest.sh", str(out), suite, *pytest_args])]
+    env = dict(os.environ, PATH=f"{VM_VENV / 'bin'}:{os.environ['PATH']}")   # vng runs virtme-run from PATH
+    print(f"vm-test ({suite}): booting {kver} under {'KVM' if not accel else 'QEMU TCG (no KVM)'}", flush=True)
+    started = time.monotonic()
+    # vng's output goes through a pipe (it misbehaves writing to a file);
+    # its own process group, so a timeout kills QEMU with it.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    timed_out = False
+    deadline = started + VM_TIMEOUT[suite]
+    fd = proc.stdout.fileno()
+    with open(out / "console.log", "wb") as log:
+        while True:
+            if time.monotonic() > deadline:
+                timed_out = True
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+            if not select.select([fd], [], [], 1.0)[0]:
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+            log.write(chunk)
+    proc.stdout.close()
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    wall = time.monotonic() - started
+    return vm_summary(suite, kver, out, wall, timed_out)
+
+
+def vm_summary(suite: str, kver: str, out: Path, wall: float, timed_out: bool) -> int:
+    rc_file = out / "rc"
+    rc = int(rc_file.read_text().strip().removeprefix("rc=")) if rc_file.exists() else 255
+    timings = json.loads((out / "timings.json").read_text()) if (out / "timings.json").exists() else {}
+    counts = "no test report"
+    if (out / "junit.xml").exists():
+        suites = ET.parse(out / "junit.xml").getroot()
+        s = suites if suites.tag == "testsuite" else suites.find("testsuite")
+        n, fail, err, skip = (int(s.get(k, 0)) for k in ("tests", "failures", "errors", "skipped"))
+        counts = f"{n - fail - err - skip} passed, {fail} failed, {err} errors, {skip} skipped"
+    parts = [f"boot {timings['boot_s']:.0f}s" if "boot_s" in timings else None,
+             f"probe compile {timings['compile_s']:.0f}s" if "compile_s" in timings else None,
+             f"tests {timings['tests_s']:.0f}s" if "tests_s" in timings else None, f"VM total {wall:.0f}s"]
+    verdict = "TIMED OUT" if timed_out else ("ok" if rc == 0 else f"FAILED (rc {rc})")
+    print(f"\nvm-test ({suite}, {kver}, kprobe mode): {verdict}: {counts}; "
+          f"{', '.join(p for p in parts if p)}; logs in {out}", flush=True)
+    return 0 if rc == 0 and not timed_out else 1
+
+
+def vm_test(args: list[str]) -> None:
+    need_root("vm-test")
+    suite = args[0] if args else "full"
+    if suite not in VM_TIMEOUT:
+        sys.exit(f"./tasks.py vm-test [{'|'.join(VM_TIMEOUT)}] [pytest arguments replacing the suite's tests]")
+    why_not = vm_unavailable()
+    if why_not:
+        sys.exit(f"vm-test: {why_not}")
+    sys.exit(vm_run(suite, args[1:]))
 
 
 def lint(args: list[str]) -> None:
@@ -123,7 +281,8 @@ def bench(args: list[str]) -> None:
     sys.exit(subprocess.run([str(PY), str(ROOT / "bench" / "run.py"), *args], cwd=ROOT).returncode)
 
 
-TASKS = {"setup": lambda args: setup(), "run": run, "test": test, "lint": lint, "bench": bench}
+TASKS = {"setup": lambda args: setup(), "run": run, "test": test, "lint": lint, "bench": bench,
+         "vm-test": vm_test}
 
 
 def main(argv: list[str]) -> None:

@@ -251,7 +251,8 @@ def vm_summary(suite: str, kver: str, out: Path, wall: float, timed_out: bool) -
         n, fail, err, skip = (int(s.get(k, 0)) for k in ("tests", "failures", "errors", "skipped"))
         counts = f"{n - fail - err - skip} passed, {fail} failed, {err} errors, {skip} skipped"
     parts = [f"boot {timings['boot_s']:.0f}s" if "boot_s" in timings else None,
-             f"probe compile {timings['compile_s']:.0f}s" if "compile_s" in timings else None,
+             f"probe compile {timings['compile_s']:.0f}s (empty program {timings['empty_compile_s']:.0f}s)"
+             if "compile_s" in timings else None,
              f"tests {timings['tests_s']:.0f}s" if "tests_s" in timings else None, f"VM total {wall:.0f}s"]
     verdict = "TIMED OUT" if timed_out else ("ok" if rc == 0 else f"FAILED (rc {rc})")
     print(f"\nvm-test ({suite}, {kver}, kprobe mode): {verdict}: {counts}; "

@@ -3,7 +3,8 @@
 
     ./tasks.py setup    apt packages, kernel header tree for BCC, .venv
     ./tasks.py run      set up, then run the agent (args after -- go to `conntracct run`)
-    ./tasks.py test     set up, then run the whole test suite (args go to pytest)
+    ./tasks.py test     set up, then run the whole test suite (args go to pytest; without
+                        args the guest tests follow, see vm-test and CONNTRACCT_VM_TESTS)
     ./tasks.py lint     ruff
     ./tasks.py bench    benchmarks, results into bench/README.md
     ./tasks.py vm-test  the probe tests again in kprobe mode, in a Debian kernel under QEMU

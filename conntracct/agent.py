@@ -12,6 +12,7 @@ from .config import Config
 from .enrich import Enricher
 from .flow import FlowEvent
 from .pipeline import Pipeline
+from .probe.footprint import release_compiler_memory
 from .probe.loader import ProbeError, ProbeSettings
 from .probe.modes import choose_mode
 from .probe.source import FlowSource
@@ -105,6 +106,7 @@ class Agent:
                                      sweep_interval_s=cfg.probe.sweep_interval, netns_path=cfg.probe.netns)
         except ProbeError as e:
             raise EnvironmentProblem(f"{e}. `conntracct check` shows what this kernel allows.") from None
+        release_compiler_memory()   # BCC's LLVM is not needed once the probe is attached
 
     def _choose_mode(self) -> str:
         requested = self.config.probe.mode

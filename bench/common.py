@@ -217,47 +217,75 @@ def compile_helper(source: str) -> Path:
 
 
 class Flows:
-    """bench/flows.c: a server in the server namespace and a client holding N
-    established TCP connections through the router, with steady light traffic."""
+    """bench/flows.c: servers in the server namespace and clients holding N
+    established TCP connections through the router, with steady light traffic.
 
-    PORTS = (7001, 7002)
+    A process may hold at most RLIMIT_NOFILE descriptors (20,000 here, and no
+    CAP_SYS_RESOURCE to raise it), so the flows are spread over as many
+    client/server pairs as needed, each pair on its own ports."""
+
+    PER_PROCESS = 18_000
+    FIRST_PORT = 7001
 
     def __init__(self, topo: Any, n: int, interval_ms: float, duration_s: float, size: int = 32,
                  families: tuple[int, ...] = (4, 6)):
         self.topo = topo
         binary = compile_helper("flows.c")
-        dests = [f"{topo.addr('server', fam)},{port}" for fam in families for port in self.PORTS]
-        self.server = topo.popen("server", binary, "server", *dests, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True)
-        line = self.server.stdout.readline().strip()
-        if line != "READY":
-            raise RuntimeError(f"flows server did not start: {line!r} {self.server.stderr.read()}")
-        self.client = topo.popen("client", binary, "client", n, interval_ms, duration_s, size, *dests,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.servers: list[subprocess.Popen] = []
+        self.clients: list[subprocess.Popen] = []
+        pairs = max(1, -(-n // self.PER_PROCESS))
+        for i in range(pairs):
+            ports = (self.FIRST_PORT + 2 * i, self.FIRST_PORT + 2 * i + 1)
+            dests = [f"{topo.addr('server', fam)},{port}" for fam in families for port in ports]
+            server = topo.popen("server", binary, "server", *dests, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+            self.servers.append(server)
+            line = server.stdout.readline().strip()
+            if line != "READY":
+                raise RuntimeError(f"flows server did not start: {line!r} {server.stderr.read()}")
+            share = n // pairs + (1 if i < n % pairs else 0)
+            self.clients.append(topo.popen("client", binary, "client", share, interval_ms, duration_s, size, *dests,
+                                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
         self.connected: dict[str, Any] = {}
         self.result: dict[str, Any] = {}
 
-    def wait_connected(self, timeout: float = 180) -> dict[str, Any]:
+    def wait_connected(self, timeout: float = 300) -> dict[str, Any]:
+        """Once every client has opened its connections: {"up", "failed", "seconds"}."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            line = self.client.stdout.readline()
-            if not line:
-                raise RuntimeError(f"flows client ended: {self.client.stderr.read()}")
-            if line.startswith("CONNECTED "):
-                self.connected = json.loads(line.split(" ", 1)[1])
-                return self.connected
-        raise RuntimeError("flows client did not connect in time")
+        total = {"up": 0, "failed": 0, "seconds": 0.0}
+        for client in self.clients:
+            while True:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("flows clients did not connect in time")
+                line = client.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"flows client ended: {client.stderr.read()}")
+                if line.startswith("CONNECTED "):
+                    part = json.loads(line.split(" ", 1)[1])
+                    total["up"] += part["up"]
+                    total["failed"] += part["failed"]
+                    total["seconds"] = max(total["seconds"], part["seconds"])
+                    break
+        self.connected = total
+        return total
 
     def stop(self) -> dict[str, Any]:
-        """Stop the client (its result) and the server."""
-        for proc in (self.client, self.server):
+        """Stop the clients (their summed counters) and the servers."""
+        for proc in self.clients + self.servers:
             if proc.poll() is None:
                 proc.terminate()
-        out, _ = self.client.communicate(timeout=60)
-        self.server.communicate(timeout=30)
-        lines = [line for line in out.splitlines() if line.startswith("{")]
-        self.result = json.loads(lines[-1]) if lines else {}
-        return self.result
+        total: dict[str, Any] = {}
+        for proc in self.clients:
+            out, _ = proc.communicate(timeout=60)
+            lines = [line for line in out.splitlines() if line.startswith("{")]
+            for key, value in (json.loads(lines[-1]) if lines else {}).items():
+                total[key] = max(total.get(key, 0), value) if key.endswith("seconds") else total.get(key, 0) + value
+        for proc in self.servers:
+            proc.communicate(timeout=30)
+        for proc in self.clients + self.servers:
+            self.topo._forget(proc)
+        self.result = total
+        return total
 
 
 # -- the agent ----------------------------------------------------------------------

@@ -44,10 +44,10 @@ def test_benchmark_runs(script, tmp_path):
 def test_runner_writes_its_table_between_the_markers(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# Benchmarks\n\nhand-written part\n\n"
-                      "<!-- results:start -->\nold\n<!-- results:end -->\n\ntail\n")
+                      "<!-- results:start -->\nOLD-TABLE\n<!-- results:end -->\n\ntail\n")
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--only", "P2",
                            "--readme", str(readme)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = readme.read_text()
     assert text.startswith("# Benchmarks\n\nhand-written part") and text.rstrip().endswith("tail")
-    assert "old" not in text and "| P2 |" in text and "kernel" in text
+    assert "OLD-TABLE" not in text and "| P2 |" in text and "kernel" in text

@@ -12,12 +12,13 @@ bytes, server closes) at the rate for the duration.  `conntrack -E` (DESTROY
 events, 64 MiB socket buffer) writes the kernel's own view to a file, parsed
 afterwards so the bench adds no Python work while the agent runs.
 
-A rate passes when the generator reached it (>= 95%), the agent lost nothing
+A rate passes when the generator made >= 95% of it, the agent lost nothing
 (probe records_lost, state_full, ctnetlink_overruns, sink drops all 0), every
 churn flow the kernel destroyed has exactly one NEW first and one DESTROY
 from the agent, and the agent's DESTROY totals (packets and bytes, both
 directions) equal the kernel's, compared as multisets per source port.  The
-run stops at the first rate that fails.
+run stops at the first rate that fails, and tries the rates from there again
+with a 16 MiB ring (probe.ringbuf_pages 4096) to show what the ring size does.
 """
 
 from __future__ import annotations
@@ -179,7 +180,7 @@ def series(rates: list[float], seconds: float, ringbuf_pages: int | None) -> tup
               f"agent CPU {step['agent_cpu_share']:.0%} -> {'ok' if step['ok'] else 'FAIL'}", flush=True)
         if not step["ok"]:
             break
-        best = step["rate"]
+        best = step["rate_asked"]     # a passing step made >= 95% of it
     return steps, best
 
 
@@ -201,8 +202,10 @@ def main() -> None:
                    f"{step['rate']:,.0f}/s {'ok' if step['ok'] else 'FAIL'}",
                    note=f"lost {sum(max(v, 0) for v in step['lost'].values()):,}, exact={step['exact']}, "
                         f"agent CPU {step['agent_cpu_share']:.0%} of a core")
+    made = next((s["rate"] for s in steps if s["ok"] and s["rate_asked"] == best), 0)
     report.row("highest rate with zero loss and exact DESTROY totals", f"{best:,.0f} conn/s",
-               f">= {TARGET:,}/s", best >= TARGET, "probe.ringbuf_pages 256 (the default)")
+               f">= {TARGET:,}/s", best >= TARGET,
+               f"{made:,.0f}/s made by the generator; probe.ringbuf_pages 256 (the default)")
     failed = [s["rate_asked"] for s in steps if not s["ok"]]
     if failed and args.big_ring:
         big_steps, big_best = series([r for r in args.rates if r >= failed[0]], args.seconds, args.big_ring)

@@ -10,8 +10,10 @@ also run alone), then the sink benchmarks that were here before
 their output goes into the README as it is.  The table and the machine it
 ran on replace the part of bench/README.md between the `results` markers;
 the rest of the README (method, what stands in the way) is written by hand.
-`--smoke` runs everything for a few seconds and writes no README unless
-`--readme` is given.
+Each benchmark's results are kept in bench/results/<P>.json, so `--only P3`
+re-runs one and the table still shows the others (with their own dates).
+`--smoke` runs everything for a few seconds and writes neither results nor
+README unless `--readme` is given.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ SINK_BENCHMARKS = [
     ("influx_sink_throughput.py", [], None),     # real servers: not in the smoke run
 ]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
+RESULTS = BENCH / "results"
 
 
 def ensure_compiler() -> None:
@@ -60,13 +63,14 @@ def run_one(name: str, script: str, smoke: bool, outdir: Path) -> dict:
     out = outdir / f"{name}.json"
     cmd = [sys.executable, str(BENCH / script), "--json", str(out)] + (["--smoke"] if smoke else [])
     print(f"\n=== {name}: {' '.join(cmd[1:])}", flush=True)
-    started = time.monotonic()
+    started, date = time.monotonic(), time.strftime("%Y-%m-%d %H:%M %Z")
     code = subprocess.run(cmd, cwd=ROOT).returncode
     elapsed = time.monotonic() - started
     if code != 0 or not out.exists():
-        return {"bench": name, "title": script, "failed": f"exit status {code}", "rows": [], "seconds": elapsed}
+        return {"bench": name, "title": script, "failed": f"exit status {code}", "rows": [], "seconds": elapsed,
+                "date": date}
     result = json.loads(out.read_text())
-    result["seconds"] = elapsed
+    result.update(seconds=elapsed, date=date, machine=machine())
     return result
 
 
@@ -92,7 +96,7 @@ def verdict(ok: bool | None) -> str:
 
 def results_markdown(results: list[dict], sinks: list[tuple[str, str]], smoke: bool, started: str) -> str:
     m = machine()
-    lines = [START, "", f"Run of {started}{' (smoke run: not a measurement)' if smoke else ''}: "
+    lines = [START, "", f"Table of {started}{' (smoke run: not a measurement)' if smoke else ''}: "
              f"`./tasks.py bench` on {m['cpu']}, {m['memory']} RAM, kernel {m['kernel']}, "
              f"Python {m['python']}, BCC {m['bcc']}.", ""]
     lines += ["| # | what | measured | target | verdict | notes |", "|---|---|---|---|---|---|"]
@@ -106,8 +110,8 @@ def results_markdown(results: list[dict], sinks: list[tuple[str, str]], smoke: b
             metric = "&nbsp;" * (2 * indent) + metric.strip()
             lines.append(f"| {row['bench']} | {metric} | {row['measured']} | {row['target']} | "
                          f"{verdict(row['ok'])} | {row['note'].replace('|', '/')} |")
-    lines += ["", "Wall-clock time of each benchmark: " + ", ".join(
-        f"{r['bench']} {r['seconds']:.0f} s" for r in results) + "."]
+    lines += ["", "When each ran, and for how long: " + ", ".join(
+        f"{r['bench']} {r.get('date', '?')} ({r['seconds']:.0f} s)" for r in results) + "."]
     if sinks:
         lines += ["", "Sink benchmarks (the scripts that predate this runner), same run:", ""]
         for script, text in sinks:
@@ -142,18 +146,36 @@ def main() -> None:
     started = time.strftime("%Y-%m-%d %H:%M %Z")
     outdir = Path(tempfile.mkdtemp(prefix="conntracct-bench-"))
     try:
-        results = [run_one(name, script, args.smoke, outdir) for name, script in BENCHMARKS.items()
-                   if not args.only or name in args.only]
+        fresh = {name: run_one(name, script, args.smoke, outdir) for name, script in BENCHMARKS.items()
+                 if not args.only or name in args.only}
     finally:
         shutil.rmtree(outdir, ignore_errors=True)
-    sinks = [] if args.no_sinks or args.only else run_sink_benchmarks(args.smoke)
+    if not args.smoke:
+        RESULTS.mkdir(exist_ok=True)
+        for name, result in fresh.items():
+            if not result.get("failed"):
+                (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+    # The table: this run's results, and the kept results of the benchmarks not run now.
+    results = []
+    for name in BENCHMARKS:
+        if name in fresh:
+            results.append(fresh[name])
+        elif not args.smoke and (RESULTS / f"{name}.json").exists():
+            results.append(json.loads((RESULTS / f"{name}.json").read_text()))
+    if args.no_sinks or args.only:
+        kept = RESULTS / "sinks.json"
+        sinks = [tuple(x) for x in json.loads(kept.read_text())] if kept.exists() and not args.smoke else []
+    else:
+        sinks = run_sink_benchmarks(args.smoke)
+        if not args.smoke:
+            (RESULTS / "sinks.json").write_text(json.dumps(sinks, indent=1) + "\n")
     section = results_markdown(results, sinks, args.smoke, started)
     print("\n" + section)
     readme = args.readme or (None if args.smoke else BENCH / "README.md")
     if readme and not args.no_readme:
         write_readme(readme, section)
         print(f"\nresults written to {readme}")
-    sys.exit(1 if any(r.get("failed") for r in results) else 0)
+    sys.exit(1 if any(r.get("failed") for r in fresh.values()) else 0)
 
 
 if __name__ == "__main__":

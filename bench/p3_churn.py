@@ -186,7 +186,8 @@ def series(rates: list[float], seconds: float, ringbuf_pages: int | None) -> tup
 
 def main() -> None:
     parser = arguments(__doc__)
-    parser.add_argument("--rates", type=float, nargs="+", default=[5000, 7500, 10000, 12500, 15000])
+    parser.add_argument("--rates", type=float, nargs="+",
+                        default=[5000, 7500, 10000, 12500, 15000, 17500, 20000, 25000, 30000])
     parser.add_argument("--seconds", type=float, default=30)
     parser.add_argument("--big-ring", type=int, default=4096, metavar="PAGES",
                         help="from the first failing rate on, try again with probe.ringbuf_pages PAGES (0: don't)")

@@ -68,6 +68,17 @@ def tcp_server(a: argparse.Namespace) -> None:
     _emit({"received": received, "sent": a.reply, "peer": [peer[0], peer[1]]})
 
 
+# struct tcp_info (linux/tcp.h): tcpi_bytes_retrans, a __u64 at offset 208 (Linux 4.19+).
+_TCPI_BYTES_RETRANS = 208
+
+
+def _bytes_retransmitted(s: socket.socket) -> int:
+    info = s.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 256)
+    if len(info) < _TCPI_BYTES_RETRANS + 8:
+        return 0
+    return struct.unpack_from("=Q", info, _TCPI_BYTES_RETRANS)[0]
+
+
 def tcp_client(a: argparse.Namespace) -> None:
     s = socket.socket(_family(a.dst), socket.SOCK_STREAM)
     s.settimeout(a.timeout)
@@ -86,9 +97,10 @@ def tcp_client(a: argparse.Namespace) -> None:
         if not chunk:
             break
         received += len(chunk)
+    retransmitted = _bytes_retransmitted(s)
     s.close()
     _emit({"sport": sport, "sent": a.send, "received": received,
-           "duration": time.monotonic() - t0})
+           "retransmitted": retransmitted, "duration": time.monotonic() - t0})
 
 
 # --------------------------------------------------------------------- UDP

@@ -33,6 +33,7 @@ class TcpTransfer:
     server_received: int
     server_sent: int
     peer: tuple[str, int]  # the client as the server saw it (after NAT)
+    retransmitted: int = 0  # payload bytes the client sent more than once (TCP_INFO)
 
 
 @dataclass
@@ -126,7 +127,8 @@ def tcp_transfer(topo: Any, nbytes: int, reply_bytes: int = 0, *, family: int = 
     return TcpTransfer(family=family, src=topo.addr("client", family), dst=dst,
                        sport=res["sport"], dport=port, sent=res["sent"],
                        received=res["received"], server_received=srv["received"],
-                       server_sent=srv["sent"], peer=tuple(srv["peer"]))
+                       server_sent=srv["sent"], peer=tuple(srv["peer"]),
+                       retransmitted=res["retransmitted"])
 
 
 def udp_exchange(topo: Any, count: int = 3, size: int = 64, *, reply_size: int | None = None,

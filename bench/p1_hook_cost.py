@@ -16,8 +16,18 @@ probe), three baseline programs run on every packet too:
   nf_read_ct    + reads skb->_nfct and the nf_conn the way account() starts
   nf_read_ext   + reads the extension offsets and the timestamp extension
 
+and finer ones, to say where the rest goes: nf_nfct / nf_nfct_direct
+(skb->_nfct through bpf_probe_read_kernel / as a direct load), and on top of
+nf_read_ext: nf_ktime, nf_jiffies (a clock read), nf_pcpu (a per-CPU and a
+plain array lookup), nf_key (the 56-byte flow key built), nf_hash_big /
+nf_hash_small (+ that key looked up, inserted on a miss, in a preallocated
+hash map of the flow map's size / of 1,024), nf_hash_ptr (an 8-byte key, the
+nf_conn pointer, in one of the flow map's size); nf_fast is the probe's fast
+path alone (bpf/conntracct.c nothing_due, with its own hint table).
+
 The full probe minus nf_read_ext is the accounting logic (flow key, hash
-lookup, rate-curve check, and the records it emits).  Run statistics are on
+lookup, rate-curve check, and the records it emits); the probe minus nf_fast
+is what its slow path adds on average.  Run statistics are on
 only for the measurement (BPF_ENABLE_STATS: see common.bpf_run_stats).
 kprobe/fentry modes cannot attach on this host; their numbers come from the
 VM (`./tasks.py vm-test`).
@@ -35,10 +45,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Flows, Report, agent_config, arguments, bpf_run_stats, need_root, prog_stats_of_pid  # noqa: E402
 
 TARGET_NS = 80
+MAX_FLOWS_NOTE = "262,144"   # ProbeSettings().max_flows, as the agent runs
 BPF_PROG_TYPE_NETFILTER = 32
 
 BASELINES = r"""
 struct nf_prog_ctx { void *state; void *skb; };
+
+// The same 56-byte key as the probe's struct flow_key.
+struct key56 { u8 tuple[40]; u32 netns; u16 zone; u8 _pad[2]; u64 start_ns; };
+struct state56 { u64 w[7]; };
+BPF_HASH(big56, struct key56, struct state56, MAX_FLOWS);   // the probe's flows map's size and flags
+BPF_HASH(small56, struct key56, struct state56, 1024);
+BPF_HASH(big8, u64, struct state56, MAX_FLOWS);              // keyed by the nf_conn pointer
+BPF_PERCPU_ARRAY(pcpu, u64, 1);
+BPF_ARRAY(arr, u64, 1);
+
+#define KEEP(x) asm volatile("" : : "r"(x) : "memory")
 
 static __always_inline void *conn_of(struct nf_prog_ctx *ctx) {
     u64 nfct = 0;
@@ -46,7 +68,48 @@ static __always_inline void *conn_of(struct nf_prog_ctx *ctx) {
     return (void *)(nfct & ~7UL);
 }
 
+// nf_conn read, extension offsets and timestamp: what nf_read_ext does.
+static __always_inline int read_ext(struct nf_prog_ctx *ctx, u8 *c, void **ct, u64 *start) {
+    *ct = conn_of(ctx);
+    if (!*ct)
+        return 0;
+    if (bpf_probe_read_kernel(c, ((CT_READ_LEN + 7) / 8) * 8, *ct))
+        return 0;
+    u64 ext = *(u64 *)(c + CT_EXT);
+    u8 ext_off[EXT_NUM] = {};
+    u64 tstamp[2] = {};
+    if (ext)
+        bpf_probe_read_kernel(ext_off, sizeof(ext_off), (void *)(ext + EXT_OFFSET));
+    if (ext_off[EXT_TSTAMP_ID])
+        bpf_probe_read_kernel(tstamp, sizeof(tstamp), (void *)(ext + ext_off[EXT_TSTAMP_ID] + TSTAMP_START));
+    *start = tstamp[0];
+    return 1;
+}
+
+static __always_inline void build_key(struct key56 *k, u8 *c, u64 start) {
+    const u8 *kt = c + CT_TUPLE_ORIG;
+    __builtin_memcpy(k->tuple, kt + TUPLE_SRC_U3, 16);
+    __builtin_memcpy(k->tuple + 16, kt + TUPLE_DST_U3, 16);
+    __builtin_memcpy(k->tuple + 32, kt + TUPLE_SRC_U, 2);
+    __builtin_memcpy(k->tuple + 34, kt + TUPLE_DST_U, 2);
+    k->tuple[36] = kt[TUPLE_L3NUM];
+    k->tuple[37] = kt[TUPLE_PROTONUM];
+    k->zone = *(u16 *)(c + CT_ZONE_ID);
+    k->netns = *(u32 *)(c + CT_NET);    // stand-in: same work as a cached inum
+    k->start_ns = start;
+}
+
 int nf_return(struct nf_prog_ctx *ctx) {
+    return 1;
+}
+
+int nf_nfct(struct nf_prog_ctx *ctx) {
+    KEEP(conn_of(ctx));
+    return 1;
+}
+
+int nf_nfct_direct(struct nf_prog_ctx *ctx) {
+    KEEP(*(volatile u64 *)((u8 *)ctx->skb + SKB_NFCT));
     return 1;
 }
 
@@ -60,24 +123,135 @@ int nf_read_ct(struct nf_prog_ctx *ctx) {
 }
 
 int nf_read_ext(struct nf_prog_ctx *ctx) {
-    void *ct = conn_of(ctx);
+    u64 words[(CT_READ_LEN + 7) / 8];
+    void *ct;
+    u64 start;
+    read_ext(ctx, (u8 *)words, &ct, &start);
+    return 1;
+}
+
+int nf_ktime(struct nf_prog_ctx *ctx) {
+    u64 words[(CT_READ_LEN + 7) / 8];
+    void *ct;
+    u64 start;
+    if (read_ext(ctx, (u8 *)words, &ct, &start))
+        KEEP(bpf_ktime_get_ns());
+    return 1;
+}
+
+int nf_jiffies(struct nf_prog_ctx *ctx) {
+    u64 words[(CT_READ_LEN + 7) / 8];
+    void *ct;
+    u64 start;
+    if (read_ext(ctx, (u8 *)words, &ct, &start))
+        KEEP(bpf_jiffies64());
+    return 1;
+}
+
+int nf_pcpu(struct nf_prog_ctx *ctx) {
+    u64 words[(CT_READ_LEN + 7) / 8];
+    void *ct;
+    u64 start;
+    if (read_ext(ctx, (u8 *)words, &ct, &start)) {
+        int zero = 0;
+        u64 *v = pcpu.lookup(&zero);
+        if (v) KEEP(*v);
+        u64 *a = arr.lookup(&zero);
+        if (a) KEEP(*a);
+    }
+    return 1;
+}
+
+int nf_key(struct nf_prog_ctx *ctx) {
+    u64 words[(CT_READ_LEN + 7) / 8];
+    void *ct;
+    u64 start;
+    if (read_ext(ctx, (u8 *)words, &ct, &start)) {
+        struct key56 k = {};
+        build_key(&k, (u8 *)words, start);
+        KEEP(&k);
+    }
+    return 1;
+}
+
+@HASH56@
+// The probe's fast path alone (bpf/conntracct.c nothing_due), with its own
+// hint table; a miss stores a hint a second ahead, as the slow path would.
+BPF_ARRAY(fast_hints, u64, 1 << 14);
+
+int nf_fast(struct nf_prog_ctx *ctx) {
+    u64 ct = *(u64 *)((u8 *)ctx->skb + SKB_NFCT) & ~7UL;
     if (!ct)
         return 1;
-    u64 words[(CT_READ_LEN + 7) / 8];
-    u8 *c = (u8 *)words;
-    if (bpf_probe_read_kernel(words, sizeof(words), ct))
+    u64 ext = 0;
+    if (bpf_probe_read_kernel(&ext, sizeof(ext), (void *)(ct + CT_EXT)) || !ext)
         return 1;
-    u64 ext = *(u64 *)(c + CT_EXT);
-    u8 ext_off[EXT_NUM] = {};
-    u64 tstamp[2] = {};
-    if (ext)
-        bpf_probe_read_kernel(ext_off, sizeof(ext_off), (void *)(ext + EXT_OFFSET));
-    if (ext_off[EXT_TSTAMP_ID])
-        bpf_probe_read_kernel(tstamp, sizeof(tstamp), (void *)(ext + ext_off[EXT_TSTAMP_ID] + TSTAMP_START));
+    u64 area[8];
+    if (bpf_probe_read_kernel(area, sizeof(area), (void *)ext))
+        return 1;
+    u32 at = ((u8 *)area)[EXT_OFFSET + EXT_TSTAMP_ID];
+    if (!at)
+        return 1;
+    at += TSTAMP_START;
+    if ((at & 7) || at > sizeof(area) - 8)
+        return 1;
+    u64 start = area[at / 8];
+    if (!start)
+        return 1;
+    u32 index = ((ct >> 6) * 0x9E3779B97F4A7C15ULL) >> (64 - 14);
+    u64 *slot = fast_hints.lookup(&index);
+    if (!slot)
+        return 1;
+    u64 tag = (((ct ^ (start * 0x9E3779B97F4A7C15ULL)) * 0xC2B2AE3D27D4EB4FULL) & 0xFFFFFFFF00000000ULL) | (1ULL << 32);
+    u64 hint = *(volatile u64 *)slot;
+    if ((hint & 0xFFFFFFFF00000000ULL) == tag && (s32)((u32)hint - (u32)bpf_jiffies64()) > 0)
+        return 1;
+    *(volatile u64 *)slot = tag | (u32)(bpf_jiffies64() + 100);
+    return 1;
+}
+
+int nf_hash_ptr(struct nf_prog_ctx *ctx) {
+    u64 words[(CT_READ_LEN + 7) / 8];
+    void *ct;
+    u64 start;
+    if (!read_ext(ctx, (u8 *)words, &ct, &start))
+        return 1;
+    u64 k = (u64)ct;
+    struct state56 *st = big8.lookup(&k);
+    if (st) {
+        KEEP(st->w[1]);
+    } else {
+        struct state56 fresh = {};
+        big8.update(&k, &fresh);
+    }
     return 1;
 }
 """
-BASELINE_NAMES = ("nf_return", "nf_read_ct", "nf_read_ext")
+# A 56-byte-key lookup (insert on a miss), once per map: BCC rewrites map
+# accesses by the map's name, so the function is written out for each.
+HASH56 = r"""
+int nf_hash_NAME(struct nf_prog_ctx *ctx) {
+    u64 words[(CT_READ_LEN + 7) / 8];
+    void *ct;
+    u64 start;
+    if (!read_ext(ctx, (u8 *)words, &ct, &start))
+        return 1;
+    struct key56 k = {};
+    build_key(&k, (u8 *)words, start);
+    struct state56 *st = NAME56.lookup(&k);
+    if (st) {
+        KEEP(st->w[1]);
+    } else {
+        struct state56 fresh = {};
+        NAME56.insert(&k, &fresh);
+    }
+    return 1;
+}
+"""
+BASELINES = BASELINES.replace("@HASH56@", "".join(HASH56.replace("NAME", n) for n in ("big", "small")))
+# Cumulative where a name says "+": each is nf_read_ext plus one thing.
+BASELINE_NAMES = ("nf_return", "nf_nfct", "nf_nfct_direct", "nf_read_ct", "nf_read_ext", "nf_ktime", "nf_jiffies", "nf_pcpu",
+                  "nf_key", "nf_hash_big", "nf_hash_small", "nf_hash_ptr", "nf_fast")
 
 
 class Baselines:
@@ -179,6 +353,21 @@ def main() -> None:
         report.row("    extension offsets + timestamp (nf_read_ext - nf_read_ct)", f"{read_ext - read_ct:.0f} ns")
         report.row("    key, clock, hash lookup, rate check, records (probe - nf_read_ext)",
                    f"{full - read_ext:.0f} ns")
+        finer = [("skb->_nfct, bpf_probe_read_kernel", "nf_nfct", "nf_return"),
+                 ("skb->_nfct, direct load (BTF pointer)", "nf_nfct_direct", "nf_return"),
+                 ("bpf_ktime_get_ns", "nf_ktime", "nf_read_ext"),
+                 ("bpf_jiffies64", "nf_jiffies", "nf_read_ext"),
+                 ("per-CPU array + array lookup", "nf_pcpu", "nf_read_ext"),
+                 ("build the 56-byte key", "nf_key", "nf_read_ext"),
+                 (f"56-byte key, hash map of {MAX_FLOWS_NOTE} (hit)", "nf_hash_big", "nf_key"),
+                 ("56-byte key, hash map of 1,024 (hit)", "nf_hash_small", "nf_key"),
+                 (f"8-byte key (nf_conn pointer), hash map of {MAX_FLOWS_NOTE}", "nf_hash_ptr", "nf_read_ext")]
+        finer.append(("the probe's fast path alone", "nf_fast", "nf_return"))
+        finer.append(("the probe's slow path, on average per packet", "probe", "nf_fast"))
+        for what, prog, base in finer:
+            if prog in cost and base in cost:
+                report.row(f"      baseline: {what} ({prog} - {base})",
+                           f"{cost[prog]['ns_per_run'] - cost[base]['ns_per_run']:.0f} ns")
     report.row("kprobe / fentry: ns/packet", "VM: ./tasks.py vm-test", f"<= {TARGET_NS} ns", None,
                "kprobes and fentry cannot attach on this host")
     report.save(args.json)

@@ -101,6 +101,23 @@ BPF_PERCPU_ARRAY(stats, u64, STAT_COUNT);
 BPF_ARRAY(settings, u64, SET_COUNT);
 BPF_PERCPU_ARRAY(netns_cache, struct netns_cache, 1);
 
+// Fast path: "this flow has no record due before jiffies J", one 64-bit word
+// per slot of a small direct-mapped table indexed by the nf_conn pointer.
+// Most packets stop here: no clock read, no 56-byte key, no lookup in the
+// (large, cold) flows map.  The word is a 32-bit tag of the flow instance
+// (nf_conn pointer and timestamp start: a recycled nf_conn or a reused tuple
+// is another instance) and the low 32 bits of the jiffies before which
+// nothing is due.  One aligned 64-bit store: never torn between CPUs.  A
+// hint is only ever earlier than the flow's real next_emit (see
+// remember_not_due), so it never delays a record; when it passes, the slow
+// path below decides as before (and emits each UPDATE on one CPU only).
+// Flows without a timestamp extension always take the slow path.
+#define HINT_BITS 14
+BPF_ARRAY(hints, u64, 1 << HINT_BITS);
+// The longest jiffy assumed (HZ >= 100): a duration converted to jiffies
+// with it is never longer than the duration, whatever CONFIG_HZ is.
+#define JIFFY_NS_MAX 10000000ULL
+
 static __always_inline void count(int index) {
     u64 *v = stats.lookup(&index);
     if (v)
@@ -143,9 +160,68 @@ static __always_inline u32 netns_inum(u64 net) {
     return inum;
 }
 
+static __always_inline u32 hint_index(u64 ct) {
+    return ((ct >> 6) * 0x9E3779B97F4A7C15ULL) >> (64 - HINT_BITS);
+}
+
+static __always_inline u64 hint_tag(u64 ct, u64 start_ns) {
+    u64 h = (ct ^ (start_ns * 0x9E3779B97F4A7C15ULL)) * 0xC2B2AE3D27D4EB4FULL;
+    return (h & 0xFFFFFFFF00000000ULL) | (1ULL << 32);  // never 0: an empty slot matches nothing
+}
+
+// 1: no record is due for this packet's flow; 0: take the slow path.  Two
+// reads: the extension pointer, then the extension area's first 64 bytes,
+// which hold the offsets and, in the usual layout (accounting, then
+// timestamp), the timestamp's start.  The nf_conn status is not needed: an
+// unconfirmed entry has no start yet (set at confirmation), and a hint
+// only ever says what the slow path would do for a dying entry (nothing).
+static __always_inline int nothing_due(void *ct) {
+    u64 ext = 0;
+    if (bpf_probe_read_kernel(&ext, sizeof(ext), ct + CT_EXT) || !ext)
+        return 0;
+    u64 area[8];    // the area is at least NF_CT_EXT_PREALLOC (128) bytes
+    if (bpf_probe_read_kernel(area, sizeof(area), (void *)ext))
+        return 0;
+    u32 at = ((u8 *)area)[EXT_OFFSET + EXT_TSTAMP_ID];
+    if (!at)
+        return 0;
+    at += TSTAMP_START;
+    if ((at & 7) || at > sizeof(area) - 8)
+        return 0;
+    u64 start = area[at / 8];
+    if (!start)
+        return 0;
+    u32 index = hint_index((u64)ct);
+    u64 *slot = hints.lookup(&index);
+    if (!slot)
+        return 0;
+    u64 hint = *(volatile u64 *)slot;
+    if ((hint & 0xFFFFFFFF00000000ULL) != hint_tag((u64)ct, start))
+        return 0;
+    return (s32)((u32)hint - (u32)bpf_jiffies64()) > 0;
+}
+
+// The flow (ct, start_ns) has nothing due before due_ns (its next_emit):
+// let the fast path skip its packets until a little before then.
+static __always_inline void remember_not_due(void *ct, u64 start_ns, u64 due_ns, u64 now) {
+    if (!start_ns || due_ns <= now)
+        return;
+    u64 left = (due_ns - now) / JIFFY_NS_MAX;
+    if (left < 2)
+        return;
+    if (left > 0x3FFFFFFF)
+        left = 0x3FFFFFFF;
+    u32 index = hint_index((u64)ct);
+    u64 *slot = hints.lookup(&index);
+    if (slot)
+        *(volatile u64 *)slot = hint_tag((u64)ct, start_ns) | (u32)(bpf_jiffies64() + left - 1);
+}
+
 // Reads one nf_conn and emits a record when one is due.  `destroy` is set
 // when the flow is being destroyed (kprobe/fentry modes).
 static __always_inline int account(void *ct, int destroy) {
+    if (!destroy && nothing_due(ct))
+        return 0;
     u64 words[(CT_READ_LEN + 7) / 8];   // u64 array: aligned loads below
     u8 *c = (u8 *)words;
     if (bpf_probe_read_kernel(words, sizeof(words), ct))
@@ -194,8 +270,10 @@ static __always_inline int account(void *ct, int destroy) {
             count(STAT_STATE_DELETES);
     } else if (st) {
         u64 due = st->next_emit;
-        if (now < due)
+        if (now < due) {
+            remember_not_due(ct, tstamp[0], due, now);
             return 0;
+        }
         // Two CPUs may carry packets of one flow: only one emits the UPDATE.
         if (__sync_val_compare_and_swap(&st->next_emit, due, now + 1000000000ULL) != due)
             return 0;
@@ -242,6 +320,7 @@ static __always_inline int account(void *ct, int destroy) {
             return 0;
         }
         count(STAT_STATE_INSERTS);
+        remember_not_due(ct, tstamp[0], fresh.next_emit, now);
         if (backdated) {
             // In netfilter mode the agent must still learn of an old flow
             // whose end ctnetlink will not report.
@@ -283,7 +362,9 @@ static __always_inline int account(void *ct, int destroy) {
     records.ringbuf_submit(r, 0);
 
     if (kind == KIND_UPDATE) {
-        st->next_emit = now + update_interval(age);
+        u64 next = now + update_interval(age);
+        st->next_emit = next;
+        remember_not_due(ct, tstamp[0], next, now);
         st->packets[0] = acct[0];
         st->bytes[0] = acct[1];
         st->packets[1] = acct[2];
@@ -310,8 +391,8 @@ struct nf_prog_ctx {
 };
 
 int netfilter_hook(struct nf_prog_ctx *ctx) {
-    u64 nfct = 0;
-    bpf_probe_read_kernel(&nfct, sizeof(nfct), ctx->skb + SKB_NFCT);
+    // ctx->skb is a BTF pointer: a direct load, no helper call.
+    u64 nfct = *(u64 *)((u8 *)ctx->skb + SKB_NFCT);
     void *ct = (void *)(nfct & ~7UL);   // low bits carry ctinfo
     if (ct)
         account(ct, 0);
@@ -325,8 +406,12 @@ int netfilter_hook(struct nf_prog_ctx *ctx) {
 BPF_HASH(refreshing, u64, u64, 4096);
 
 int refresh_enter(struct pt_regs *ctx) {
-    u64 id = bpf_get_current_pid_tgid();
     u64 ct = PT_REGS_PARM1(ctx);
+    // Nothing due (decided before the counter update: the decision does
+    // not depend on it): no kretprobe work either.
+    if (nothing_due((void *)ct))
+        return 0;
+    u64 id = bpf_get_current_pid_tgid();
     refreshing.update(&id, &ct);
     return 0;
 }

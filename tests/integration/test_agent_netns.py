@@ -148,7 +148,10 @@ def test_flows_from_before_the_agent_are_backdated_and_still_end(topo):
     kinds = [r["kind"] for r in recs]
     assert "new" not in kinds and kinds[-1] == "destroy", kinds
     assert all("backdated" in r["flags"] for r in recs), recs
-    if TEST_MODE == "netfilter":
+    # nf_conntrack_events=2 gives a new flow an event extension whenever any
+    # ctnetlink listener exists, in any namespace (global since Linux 6.3:
+    # another agent on the host is enough); then ctnetlink reports its end.
+    if TEST_MODE == "netfilter" and "no_events" in recs[0]["flags"]:
         assert "end_unseen" in recs[-1]["flags"]
         assert recs[-1]["packets_orig"] >= 2
     else:

@@ -119,7 +119,8 @@ def window(topo, agent, seconds: float, poll_interval: float, period: float = 0.
             "pollers": summaries}
 
 
-def run_case(case: str, n: int, seconds: float, poll_interval: float, steady_at: float, period: float) -> dict:
+def run_case(case: str, n: int, seconds: float, poll_interval: float, steady_at: float, period: float,
+             probe: dict | None = None) -> dict:
     """Windows of one case: right after the start ("first") and, if steady_at,
     once the flows are steady_at seconds old, averaged over `period` ("steady")."""
     from tests.integration.running_agent import RunningAgent
@@ -131,13 +132,13 @@ def run_case(case: str, n: int, seconds: float, poll_interval: float, steady_at:
         agent = flows = None
         try:
             if case == "after":
-                agent = RunningAgent(topo, config=agent_config())
+                agent = RunningAgent(topo, config=agent_config(**(probe or {})))
             # Traffic runs past the windows; the clients are stopped at the end.
             flows = Flows(topo, n, 20_000, steady_at + seconds + period + 600)
             out["connected"] = flows.wait_connected()
             opened = time.monotonic()
             if case == "before":
-                agent = RunningAgent(topo, config=agent_config())
+                agent = RunningAgent(topo, config=agent_config(**(probe or {})))
             else:
                 time.sleep(2)     # past the burst of NEW records of the opening
             out["first"] = window(topo, agent, seconds, poll_interval)
@@ -167,30 +168,41 @@ def main() -> None:
                              "flow is on the rate curve's last step (an UPDATE every 300 s)")
     parser.add_argument("--period", type=float, default=300,
                         help="the second window's agent CPU is averaged over this long (the last step's interval)")
+    parser.add_argument("--case", choices=("after", "before", "both"), default="both",
+                        help="flows opened after the agent, flows older than it (back-dated), or both")
+    parser.add_argument("--probe", action="append", default=[], metavar="KEY=VALUE",
+                        help="a probe.* setting for the agent instead of its default (e.g. ringbuf_pages=256); "
+                             "may be repeated")
     args = parser.parse_args()
+    probe = {}
+    for item in args.probe:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"--probe {item!r}: expected KEY=VALUE")
+        probe[key] = int(value) if value.isdigit() else value
     need_root("P4")
     interval = POLL_INTERVAL
     if args.smoke:
         args.flows, args.seconds, args.steady_at, interval = 2000, 4, 0, 2.0
     report = Report("P4", "steady state: agent vs conntrack polling (netfilter mode)", __doc__, smoke=args.smoke)
     cases = {}
-    for case in ("after", "before"):
-        c = cases[case] = run_case(case, args.flows, args.seconds, interval, args.steady_at, args.period)
+    for case in ("after", "before") if args.case == "both" else (args.case,):
+        c = cases[case] = run_case(case, args.flows, args.seconds, interval, args.steady_at, args.period, probe)
         for name in ("first", "steady"):
             if name in c:
                 w = c[name]
                 print(f"  {case}/{name}: table {w['table']:,}; agent {w['agent_cpu_s']:.1f} CPU-s, RSS peak "
                       f"{w['agent_rss_peak_mb']:.0f} MB (HWM {w['agent_vmhwm_mb']:.0f}), {w['records']:,} records; "
                       f"pollers { {k: round(v, 1) for k, v in w['poller_cpu_s'].items()} } CPU-s", flush=True)
-        print(f"  {case}: probe {c['agent_probe']}", flush=True)
+        print(f"  {case}: connected {c.get('connected')}; probe {c['agent_probe']}", flush=True)
     report.details = {"cases": cases, "poll_interval_s": interval, "steady_at_s": args.steady_at,
-                      "period_s": args.period}
+                      "period_s": args.period, "probe": probe}
     labels = {("after", "first"): "flows opened after the agent, first minute",
               ("after", "steady"): f"same flows, {args.steady_at:g} s old (agent: per 60 s of {args.period:g} s)",
               ("before", "first"): "flows older than the agent (back-dated), agent's first minute",
               ("before", "steady"): f"same flows, {args.steady_at:g} s old (agent: per 60 s of {args.period:g} s)"}
     for (case, name), label in labels.items():
-        if name not in cases[case]:
+        if case not in cases or name not in cases[case]:
             continue
         w, probe = cases[case][name], cases[case]["agent_probe"]
         agent_cpu = w["agent_cpu_s"]

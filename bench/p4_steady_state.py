@@ -88,6 +88,20 @@ def lines_in(path: Path) -> int:
         return sum(1 for _ in f)
 
 
+def wakeups(pid: int) -> int:
+    """Voluntary context switches of all of a process's threads (each one a
+    sleep it woke from: the reader's epoll waits, the sinks' queue waits)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
 def window(topo, agent, seconds: float, poll_interval: float, period: float = 0.0) -> dict:
     """The agent and both pollers side by side for `seconds`.  With `period`
     (longer than `seconds`), the agent is measured over the whole period and
@@ -102,17 +116,20 @@ def window(topo, agent, seconds: float, poll_interval: float, period: float = 0.
     sampler = threading.Thread(target=sample_rss, args=([meter], stop), daemon=True)
     sampler.start()
     started = time.monotonic()
+    wakeups_before = wakeups(agent.proc.pid)
     try:
         summaries = {p.how: p.finish(seconds + 120) for p in pollers}
         time.sleep(max(0.0, started + period - time.monotonic()))
     finally:
         stop.set()
     elapsed = time.monotonic() - started
+    agent_wakeups = wakeups(agent.proc.pid) - wakeups_before
     agent_cpu = meter.used() * (seconds / elapsed if period else 1.0)
     sampler.join()
     # Each poller reports its own CPU and its children's (the conntrack runs).
     return {"seconds": min(elapsed, seconds) if not period else seconds, "agent_seconds": elapsed,
             "table": topo.conntrack_count(), "agent_cpu_s": agent_cpu,
+            "agent_wakeups_per_s": agent_wakeups / elapsed,
             "agent_rss_peak_mb": meter.rss_peak_kb / 1024, "agent_vmhwm_mb": meter.status_kb("VmHWM") / 1024,
             "records": round((lines_in(agent.stdout_path) - records_before) * (seconds / elapsed if period else 1)),
             "poller_cpu_s": {how: s["cpu_s"] + s["children_cpu_s"] for how, s in summaries.items()},
@@ -192,7 +209,8 @@ def main() -> None:
             if name in c:
                 w = c[name]
                 print(f"  {case}/{name}: table {w['table']:,}; agent {w['agent_cpu_s']:.1f} CPU-s, RSS peak "
-                      f"{w['agent_rss_peak_mb']:.0f} MB (HWM {w['agent_vmhwm_mb']:.0f}), {w['records']:,} records; "
+                      f"{w['agent_rss_peak_mb']:.0f} MB (HWM {w['agent_vmhwm_mb']:.0f}), {w['records']:,} records, "
+                      f"{w['agent_wakeups_per_s']:,.0f} wake-ups/s; "
                       f"pollers { {k: round(v, 1) for k, v in w['poller_cpu_s'].items()} } CPU-s", flush=True)
         print(f"  {case}: connected {c.get('connected')}; probe {c['agent_probe']}", flush=True)
     report.details = {"cases": cases, "poll_interval_s": interval, "steady_at_s": args.steady_at,

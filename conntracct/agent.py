@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import threading
@@ -20,6 +21,30 @@ from .selfmetrics import Stats
 from .sinks.base import SinkError
 
 log = logging.getLogger("conntracct")
+
+
+# Garbage collector, once start-up is over (tune_garbage_collector).
+GC_YOUNG_THRESHOLD = 100_000
+
+
+def tune_garbage_collector() -> None:
+    """Collect once, freeze what start-up made (modules, config, the probe's
+    objects) out of all later collections, and run the young collection every
+    100,000 net container allocations instead of 700.
+
+    Every record allocates a few containers (its FlowEvent, its queue entry)
+    that live until the sink writes them, so with the defaults the collector
+    ran every couple of hundred records and its full collections walked the
+    whole start-up heap: a quarter of the reader's and sink's CPU (bench P2,
+    raw -> line protocol: 150k -> 195k records/s).  The pipeline makes no
+    reference cycles per record, so what is left for the collector to find
+    is rare (an exception's traceback) and bounded by the threshold; the
+    agent's RSS under 3,000 new flows/s stayed the same (112 MB after 40 s).
+    Called before release_compiler_memory(): collecting start-up garbage can
+    run BCC's LLVM code again and page it back in (+70 MB when called after)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 100)
 
 
 class EnvironmentProblem(Exception):
@@ -106,6 +131,7 @@ class Agent:
                                      sweep_interval_s=cfg.probe.sweep_interval, netns_path=cfg.probe.netns)
         except ProbeError as e:
             raise EnvironmentProblem(f"{e}. `conntracct check` shows what this kernel allows.") from None
+        tune_garbage_collector()    # first: see its docstring
         release_compiler_memory()   # BCC's LLVM is not needed once the probe is attached
 
     def _choose_mode(self) -> str:

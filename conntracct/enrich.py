@@ -1,7 +1,12 @@
 """Enrichment: drop ignored flows, add configured labels and the direction.
 
 Runs on the reader thread for every record, so each address is classified
-once and cached: hosts repeat far more than they vary.
+once and cached: hosts repeat far more than they vary.  A record that comes
+unlabelled (every probe record) gets one of four label dicts made once, one
+per direction, shared by every record of that direction: records are
+read-only once enriched (the sinks of one record already share it).  What a
+flow gets depends only on its addresses, so it is worked out once per flow
+and kept in FlowEvent.memo (records from the probe decoder carry one).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from .localaddr import host_networks
 from .selfmetrics import StageStats
 
 CACHE_LIMIT = 65536   # addresses; past it the cache starts over (bounded memory)
+_UNKNOWN = object()
 
 
 def direction(src_local: bool, dst_local: bool) -> str:
@@ -42,6 +48,10 @@ class Enricher:
         self._labels = dict(config.labels)
         self._stats = stats
         self._cache: dict[str, tuple[bool, bool]] = {}   # address -> (ignored, local)
+        # (src local, end local) as 2*src + end -> the configured labels and
+        # the direction, in the order update() then ["direction"] gives.
+        self._label_sets = tuple({**self._labels, "direction": direction(bool(i & 2), bool(i & 1))}
+                                 for i in range(4))
 
     @property
     def local_networks(self) -> tuple[IPNetwork, ...]:
@@ -60,6 +70,33 @@ class Enricher:
         return verdict
 
     def __call__(self, event: FlowEvent) -> FlowEvent | None:
+        memo = event.memo
+        if memo is not None and not event.labels:
+            # The verdict depends only on the flow's addresses: once per flow
+            # (FlowEvent.memo), None if the flow is ignored.
+            labels = memo.get(self, _UNKNOWN)
+            if labels is _UNKNOWN:
+                labels = memo[self] = self._verdict(event)
+            if labels is None:
+                if self._stats is not None:
+                    self._stats.add("ignored")
+                return None
+            event.labels = labels
+            return event
+        return self._label(event)
+
+    def _verdict(self, event: FlowEvent) -> dict[str, str] | None:
+        """The shared label set an unlabelled record of this flow gets, or None if ignored."""
+        cache = self._cache
+        src = cache.get(event.orig.src) or self._classify(event.orig.src)
+        dst = cache.get(event.orig.dst) or self._classify(event.orig.dst)
+        if src[0] or dst[0]:
+            return None
+        end = dst if event.reply.src == event.orig.dst else (
+            cache.get(event.reply.src) or self._classify(event.reply.src))
+        return self._label_sets[2 * src[1] + end[1]]
+
+    def _label(self, event: FlowEvent) -> FlowEvent | None:
         cache = self._cache
         src = cache.get(event.orig.src) or self._classify(event.orig.src)
         dst = cache.get(event.orig.dst) or self._classify(event.orig.dst)
@@ -70,6 +107,9 @@ class Enricher:
         end = dst if event.reply.src == event.orig.dst else (
             cache.get(event.reply.src) or self._classify(event.reply.src))
         labels = event.labels
+        if not labels:
+            event.labels = self._label_sets[2 * src[1] + end[1]]
+            return event
         if self._labels:
             labels.update(self._labels)
         labels["direction"] = direction(src[1], end[1])

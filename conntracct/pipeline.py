@@ -22,6 +22,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
+from itertools import chain, islice
+from operator import attrgetter, itemgetter
 
 from .flow import DESTROY, KINDS, FlowEvent
 from .selfmetrics import PERMANENT_ERROR, QUEUE_FULL, RETRIES_EXHAUSTED, SHUTDOWN, SinkStats, Stats
@@ -31,6 +33,8 @@ from .sinks.base import PermanentSinkError, TransientSinkError
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+_event_of = itemgetter(1)     # (seq, event) -> event
+_kind_of = attrgetter("kind")
 
 
 class ErrorLog:
@@ -88,26 +92,31 @@ class SinkWorker:
         self._thread = threading.Thread(target=self._run, name=f"sink-{name}", daemon=True)
         stats.queue_capacity = self._capacity
         stats.queue_depth = self.depth
+        self._add_received = stats.add_received
 
     # -- reader thread -----------------------------------------------------
 
     def offer(self, event: FlowEvent) -> bool:
         """Queue one record; never blocks.  False if it was dropped."""
-        is_destroy = event.kind == DESTROY
         with self._lock:
-            self._stats.add_received()
+            self._add_received()
             if not self._accepting:
                 self._stats.add_dropped(SHUTDOWN, event.kind)
                 return False
-            size = len(self._destroys) + len(self._others)
+            destroys, others = self._destroys, self._others
+            is_destroy = event.kind == DESTROY
+            size = len(destroys) + len(others)
             if size >= self._capacity:
-                if not (is_destroy and self._others):
+                if not (is_destroy and others):
                     self._stats.add_dropped(QUEUE_FULL, event.kind)
                     return False
-                self._stats.add_dropped(QUEUE_FULL, self._others.popleft()[1].kind)
+                self._stats.add_dropped(QUEUE_FULL, others.popleft()[1].kind)
                 size -= 1
-            self._seq += 1
-            (self._destroys if is_destroy else self._others).append((self._seq, event))
+            self._seq = seq = self._seq + 1
+            if is_destroy:
+                destroys.append((seq, event))
+            else:
+                others.append((seq, event))
             # Wake the worker only when it has something new to decide:
             # the first record (starts the flush timer) or a full batch.
             if size == 0:
@@ -198,17 +207,29 @@ class SinkWorker:
         """Up to batch_size records in offer order (lock held)."""
         destroys, others = self._destroys, self._others
         n = min(self._batch_size, len(destroys) + len(others))
-        if not destroys:
-            batch = [others.popleft()[1] for _ in range(n)]
-        elif not others:
-            batch = [destroys.popleft()[1] for _ in range(n)]
+        if not destroys or not others:
+            queue = destroys or others
+            if n == len(queue):
+                batch = list(map(_event_of, queue))
+                queue.clear()
+            else:
+                pop = queue.popleft
+                batch = [pop()[1] for _ in range(n)]
         else:
-            batch = []
-            for _ in range(n):
-                if not others or (destroys and destroys[0][0] < others[0][0]):
-                    batch.append(destroys.popleft()[1])
+            # The n oldest of both, by sequence number: each deque is in
+            # order, so they are among the first n of each.  Sequence
+            # numbers are unique: sorting never compares two events.
+            merged = sorted(chain(islice(destroys, n), islice(others, n)))
+            del merged[n:]
+            batch = list(map(_event_of, merged))
+            taken_destroys = list(map(_kind_of, batch)).count(DESTROY)
+            for queue, count in ((destroys, taken_destroys), (others, n - taken_destroys)):
+                if count == len(queue):
+                    queue.clear()
                 else:
-                    batch.append(others.popleft()[1])
+                    pop = queue.popleft
+                    for _ in range(count):
+                        pop()
         if destroys or others:
             self._oldest = self._clock()   # the rest waited at least since now
         self._inflight = batch

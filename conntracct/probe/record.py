@@ -10,7 +10,7 @@ import socket
 import struct
 from dataclasses import replace
 
-from ..flow import DESTROY, FLAG_FIRST_SIGHT, ICMP_PROTOS, NEW, FlowEvent, FlowTuple
+from ..flow import DESTROY, FLAG_FIRST_SIGHT, ICMP_PROTOS, NEW, FlowEvent, FlowTuple, new_event
 
 # struct ct_tuple: src[16], dst[16], src_u, dst_u (network order), family, proto, pad[2]
 TUPLE = struct.Struct("<16s16sHHBB2x")
@@ -81,9 +81,10 @@ def pack_tuple(family: int, proto: int, src: bytes, dst: bytes, src_u: int, dst_
 
 
 # decode() runs for every record on the reader thread.  A flow's records
-# repeat its identity (tuples, netns, zone, start), so what derives from it
-# alone -- the tuples as text, the flow id -- is worked out once per flow and
-# memoised, bounded; the rest comes from two small unpacks.
+# repeat its identity (tuples, netns, zone, mark, start), so what derives from
+# it alone -- the tuples as text, the flow id, and the FlowEvent.memo the sinks
+# share for it -- is worked out once per flow and memoised, bounded; the rest
+# comes from two small unpacks.
 _COUNTERS = struct.Struct("<13Q")                  # ts ... status
 _TAIL = struct.Struct("<IIHBBB3x")                 # netns mark zone kind tcp_state flags
 _TAIL_AT = 184
@@ -104,7 +105,7 @@ _flows: dict[bytes, tuple] = {}
 
 
 def _identity(raw: bytes, start: int, id_start: int) -> tuple:
-    """(id_start, flow id, family 4/6, protocol, orig, reply, icmp) of a record."""
+    """(id_start, flow id, family 4/6, protocol, orig, reply, icmp, memo) of a record."""
     (osrc, odst, osrc_u, odst_u, ofamily, oproto,
      rsrc, rdst, rsrc_u, rdst_u, rfamily, rproto) = _TUPLES.unpack_from(raw, _COUNTERS.size)
     oaddr, raddr = _ADDR.get(ofamily), _ADDR.get(rfamily)
@@ -125,7 +126,7 @@ def _identity(raw: bytes, start: int, id_start: int) -> tuple:
     # little-endian bytes: the same bytes flow_id() packs.
     salted = raw[_ORIG] + raw[_NETNS] + raw[_ZONE] + raw[_START if start else _FIRST_SEEN]
     fid = int.from_bytes(_blake2b(salted, digest_size=8).digest(), "little") & 0x7FFF_FFFF_FFFF_FFFF
-    return id_start, fid, _AF[ofamily], oproto, orig, reply, icmp
+    return id_start, fid, _AF[ofamily], oproto, orig, reply, icmp, {}
 
 
 def decode(raw: bytes, wall_offset_ns: int) -> FlowEvent:
@@ -145,10 +146,10 @@ def decode(raw: bytes, wall_offset_ns: int) -> FlowEvent:
         if len(_flows) >= FLOW_MEMO_LIMIT:
             _flows.clear()
         _flows[key] = known
-    _, fid, family, proto, orig, reply, icmp = known
-    return FlowEvent(KIND_CODES[kind], fid, family, proto, orig, reply,
+    _, fid, family, proto, orig, reply, icmp, memo = known
+    return new_event(KIND_CODES[kind], fid, family, proto, orig, reply,
                      po, bo, pr, br, dpo, dbo, dpr, dbr, start, stop, ts + wall_offset_ns,
-                     zone, mark, netns, status, tcp_state, flags, icmp)
+                     zone, mark, netns, status, tcp_state, flags, icmp, {}, memo)
 
 
 def record_key(raw: bytes) -> bytes:

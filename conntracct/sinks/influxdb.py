@@ -219,11 +219,20 @@ RECENT_POINTS = 65536   # (series, timestamp) pairs remembered across batches, p
 _FAMILY_TAGS = {number: f"family={name}" for number, name in FAMILY_NAMES.items()}
 _PROTOCOL_TAGS = {number: f"protocol={name}" for number, name in IPPROTO_NAMES.items()}
 _TCP_STATE_FIELDS = tuple(f',tcp_state="{name}"' for name in TCP_STATES)
+_TCP_STATES = len(_TCP_STATE_FIELDS)
 
 
 class LineFormatter:
     """FlowEvent -> line-protocol point, split as (series, fields): the series
-    (measurement and sorted tags) is the point's identity with its timestamp."""
+    (measurement and sorted tags) is the point's identity with its timestamp.
+
+    A flow's records repeat its tag set, so the series is built once per flow
+    and kept in the record's FlowEvent.memo, which the probe decoder shares
+    between the records of one flow identity: tuples, family, protocol, zone,
+    netns, mark (a CONNMARK change makes a new identity) and flow id.  The
+    labels come from enrichment, not from the identity: a record whose labels
+    differ from the memo's builds its series anew.  TCP state and ICMP values
+    are fields, formatted for every record."""
 
     def __init__(self, measurement: str = "ct_acct", source_ports: bool = False, flow_id_tag: bool = False):
         self._measurement = escape_measurement(measurement)
@@ -231,6 +240,9 @@ class LineFormatter:
         self._source_ports = source_ports
         self._flow_id_tag = flow_id_tag
         self._labels: dict[tuple[str, str], str] = {}   # (key, value) -> 'key=value', escaped
+        # The labels of the last series memoised, a copy: shared by the memo
+        # entries of flows with equal labels (they come in a few combinations).
+        self._last_labels: dict[str, str] = {}
 
     def _label(self, key: str, value: str) -> str:
         tag = self._labels.get((key, value))
@@ -244,6 +256,27 @@ class LineFormatter:
         return tag
 
     def series(self, e: FlowEvent) -> str:
+        """The point's series: measurement and sorted tags (memoised per flow)."""
+        return self._flow_text(e)[1]
+
+    def _flow_text(self, e: FlowEvent) -> tuple[dict[str, str], str, str]:
+        """(labels, series, 'flow_id=<id>i,finished='): the flow's memo entry,
+        made if missing or made for other labels."""
+        memo = e.memo
+        if memo is not None:
+            known = memo.get(self)
+            if known is not None and known[0] == e.labels:
+                return known
+        labels = e.labels
+        if labels != self._last_labels:
+            self._last_labels = dict(labels)
+        known = (self._last_labels, self.build_series(e), f"flow_id={e.flow_id}i,finished=")
+        if memo is not None:
+            memo[self] = known
+        return known
+
+    def build_series(self, e: FlowEvent) -> str:
+        """The series, built from the event (no memo)."""
         o = e.orig
         proto = e.proto
         # Sorted by key, as InfluxDB keys series: one canonical string per tag set.
@@ -278,27 +311,51 @@ class LineFormatter:
 
     @staticmethod
     def fields(e: FlowEvent) -> str:
-        finished = "true" if e.kind == DESTROY else "false"
-        if e.flags & FLAG_NO_ACCT:   # no accounting: counters are absent, not zero
-            fields = f"flow_id={e.flow_id}i,finished={finished}"
-        else:
-            fields = (f"packets_orig={e.packets_orig}i,bytes_orig={e.bytes_orig}i,"
-                      f"packets_reply={e.packets_reply}i,bytes_reply={e.bytes_reply}i,"
-                      f"delta_packets_orig={e.delta_packets_orig}i,delta_bytes_orig={e.delta_bytes_orig}i,"
-                      f"delta_packets_reply={e.delta_packets_reply}i,delta_bytes_reply={e.delta_bytes_reply}i,"
-                      f"flow_id={e.flow_id}i,finished={finished}")
         proto = e.proto
         if proto == 6:
             state = e.tcp_state
-            fields += _TCP_STATE_FIELDS[state] if state < len(_TCP_STATE_FIELDS) else f',tcp_state="{state}"'
+            tail = _TCP_STATE_FIELDS[state] if state < _TCP_STATES else f',tcp_state="{state}"'
         elif proto in ICMP_PROTOS and e.icmp is not None:
             icmp_type, code, ident = e.icmp
-            fields += f",icmp_type={icmp_type}i,icmp_code={code}i,icmp_id={ident}i"
-        return fields
+            tail = f",icmp_type={icmp_type}i,icmp_code={code}i,icmp_id={ident}i"
+        else:
+            tail = ""
+        if e.flags & FLAG_NO_ACCT:   # no accounting: counters are absent, not zero
+            return f"flow_id={e.flow_id}i,finished={'true' if e.kind == DESTROY else 'false'}{tail}"
+        return (f"packets_orig={e.packets_orig}i,bytes_orig={e.bytes_orig}i,"
+                f"packets_reply={e.packets_reply}i,bytes_reply={e.bytes_reply}i,"
+                f"delta_packets_orig={e.delta_packets_orig}i,delta_bytes_orig={e.delta_bytes_orig}i,"
+                f"delta_packets_reply={e.delta_packets_reply}i,delta_bytes_reply={e.delta_bytes_reply}i,"
+                f"flow_id={e.flow_id}i,finished={'true' if e.kind == DESTROY else 'false'}{tail}")
 
     def line(self, e: FlowEvent) -> str:
         """One point, newline-terminated, at the record's own timestamp."""
         return f"{self.series(e)} {self.fields(e)} {e.ts_ns}\n"
+
+    def point(self, e: FlowEvent) -> tuple[str, str]:
+        """(series(e), fields(e)) in one go, the flow id field memoised with
+        the series: the sink's per-record work (tests/unit/test_influxdb_sink.py
+        compares the two ways)."""
+        known = e.memo.get(self) if e.memo is not None else None
+        if known is None or known[0] != e.labels:
+            known = self._flow_text(e)
+        proto = e.proto
+        if proto == 6:
+            state = e.tcp_state
+            tail = _TCP_STATE_FIELDS[state] if state < _TCP_STATES else f',tcp_state="{state}"'
+        elif proto in ICMP_PROTOS and e.icmp is not None:
+            icmp_type, code, ident = e.icmp
+            tail = f",icmp_type={icmp_type}i,icmp_code={code}i,icmp_id={ident}i"
+        else:
+            tail = ""
+        if e.flags & FLAG_NO_ACCT:   # no accounting: counters are absent, not zero
+            return known[1], f"{known[2]}{'true' if e.kind == DESTROY else 'false'}{tail}"
+        return known[1], (f"packets_orig={e.packets_orig}i,bytes_orig={e.bytes_orig}i,"
+                          f"packets_reply={e.packets_reply}i,bytes_reply={e.bytes_reply}i,"
+                          f"delta_packets_orig={e.delta_packets_orig}i,delta_bytes_orig={e.delta_bytes_orig}i,"
+                          f"delta_packets_reply={e.delta_packets_reply}i,"
+                          f"delta_bytes_reply={e.delta_bytes_reply}i,"
+                          f"{known[2]}{'true' if e.kind == DESTROY else 'false'}{tail}")
 
 
 class PointLog:
@@ -307,36 +364,41 @@ class PointLog:
     Two generations of hashed pairs, bounded in memory; records of one
     timestamp arrive close together, so a collision with a pair older than
     both generations cannot happen in practice.  A hash collision only moves a
-    point by 1 ns."""
+    point by 1 ns.  Both generations are also kept as one set, so a point
+    costs one look-up there (nearly every look-up misses, in a large set)."""
 
     def __init__(self, generation: int = RECENT_POINTS):
         self._generation = generation
         self._new: set[int] = set()
         self._old: set[int] = set()
+        self._seen: set[int] = set()   # _new | _old
 
     def lines(self, formatter: LineFormatter, batch: Iterable[FlowEvent]) -> tuple[str, set[int]]:
         """The batch's lines, each point unique, and the pairs they use
         (pass them to commit() once written: a failed batch resent gives the
         same lines)."""
-        new, old = self._new, self._old
+        seen = self._seen
         taken: set[int] = set()
+        take = taken.add
         out = []
-        series, fields = formatter.series, formatter.fields
+        point = formatter.point
         for e in batch:
-            s = series(e)
+            s, fields = point(e)
             ts = e.ts_ns
             key = hash((s, ts))
-            while key in taken or key in new or key in old:
+            while key in taken or key in seen:
                 ts += 1
                 key = hash((s, ts))
-            taken.add(key)
-            out.append(f"{s} {fields(e)} {ts}\n")
+            take(key)
+            out.append(f"{s} {fields} {ts}\n")
         return "".join(out), taken
 
     def commit(self, taken: set[int]) -> None:
         self._new |= taken
+        self._seen |= taken
         if len(self._new) >= self._generation:
             self._old, self._new = self._new, set()
+            self._seen = set(self._old)
 
 
 # -- the sink ----------------------------------------------------------------

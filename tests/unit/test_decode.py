@@ -197,3 +197,24 @@ def test_rate_curve_macro_in_c(tmp_path):
     subprocess.run(["gcc", "-o", str(tmp_path / "curve"), str(src)], check=True)
     out = subprocess.run([str(tmp_path / "curve")], capture_output=True, text=True).stdout.split()
     assert [int(v) // s for v in out] == [20, 20, 60, 60, 300, 300]
+
+
+def test_records_of_one_flow_identity_share_one_memo():
+    """FlowEvent.memo: the same dict for every record of one identity
+    (tuples, netns, zone, mark, start); a new one when any of them changes
+    (a CONNMARK mid-flow, a reused tuple with another start); never compared."""
+    orig = pack_tuple(socket.AF_INET, 6, V4_A, V4_B, 40001, 80)
+    reply = pack_tuple(socket.AF_INET, 6, V4_B, V4_NAT, 80, 40001)
+
+    def record(mark=0, start=1_000, zone=0, kind=2, flags=0):
+        return RECORD.pack(5, start, 0, 4, 1, 2, 3, 4, 1, 2, 3, 4, 0x18e, orig, reply, 4026531840, mark, zone,
+                           kind, 3, flags)
+
+    first, again = decode(record(kind=1), 0), decode(record(), 0)
+    assert first.memo is again.memo and isinstance(first.memo, dict)
+    assert first_sight_new(decode(record(kind=3, flags=FLAG_FIRST_SIGHT), 0)).memo is first.memo
+    others = [decode(record(mark=7), 0), decode(record(start=2_000), 0), decode(record(zone=3), 0)]
+    assert all(e.memo is not first.memo for e in others)
+    assert len({id(e.memo) for e in others}) == 3
+    first.memo["x"] = 1
+    assert first == reference_decode(record(kind=1), 0)   # memo is not part of the record

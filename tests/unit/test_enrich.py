@@ -98,3 +98,42 @@ def test_host_networks_reads_proc_net_and_falls_back_to_loopback(tmp_path):
     nets = host_networks(tmp_path)
     assert ipaddress.ip_network("192.0.2.9/32") in nets and len(nets) == len(set(nets)) == 4
     assert [str(n) for n in host_networks(tmp_path / "absent")] == ["127.0.0.0/8", "::1/128"]
+
+
+def test_unlabelled_records_share_label_sets_equal_to_adding_the_labels():
+    """A record that arrives without labels gets one of four shared dicts:
+    the same keys, values and order as update(labels) then ["direction"]."""
+    for labels in ({}, {"site": "fra1", "role": "nat"}):
+        enrich = enricher("enrich: {labels: %s, local_addresses: [192.0.2.2]}" % (labels or "{}"))
+        seen = {}
+        for orig in [(HOST, "198.51.100.2", 1, 2), ("198.51.100.2", HOST, 1, 2), ("10.0.0.5", "198.51.100.2", 1, 2),
+                     (HOST, HOST, 1, 2), (HOST, "198.51.100.9", 3, 4)]:
+            event = enrich(flow(orig=orig))
+            expected = dict(labels)
+            expected["direction"] = event.labels["direction"]
+            assert list(event.labels.items()) == list(expected.items())
+            assert seen.setdefault(event.labels["direction"], event.labels) is event.labels
+        assert len(seen) == 4
+
+
+def test_flow_memo_gives_what_enrichment_without_it_gives():
+    """Records carrying FlowEvent.memo (decoded ones) get their labels or
+    their ignore verdict worked out once per flow: the same as without, and
+    every ignored record still counted."""
+    stats_memo, stats_plain = Stats(), Stats()
+    config = "enrich: {ignore: ['10.0.0.0/8'], labels: {site: fra1}, local_addresses: [192.0.2.2]}"
+    with_memo, plain = enricher(config, stats_memo.stage("enrich")), enricher(config, stats_plain.stage("enrich"))
+    flows = [((HOST, "198.51.100.2", 1, 2), None), (("198.51.100.2", HOST, 1, 2), None),
+             (("10.1.1.1", "198.51.100.2", 1, 2), None),
+             (("198.51.100.2", HOST, 40000, 8080), ("10.0.0.5", "198.51.100.2", 80, 40000)),
+             (("10.0.0.5", "198.51.100.7", 40000, 80), (HOST, "10.0.0.5", 3128, 40000))]
+    memos = [{} for _ in flows]
+    for _ in range(3):
+        for (orig, reply), memo in zip(flows, memos, strict=True):
+            a, b = with_memo(flow(orig=orig, reply=reply, memo=memo)), plain(flow(orig=orig, reply=reply))
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert list(a.labels.items()) == list(b.labels.items())
+    labelled = with_memo(flow(orig=flows[0][0], memo=memos[0], labels={"probe": "x"}))   # labelled: not memoised
+    assert labelled.labels == {"probe": "x", "site": "fra1", "direction": "outbound"}
+    assert stats_memo.snapshot()["stages"] == stats_plain.snapshot()["stages"] == {"enrich": {"ignored": 6}}

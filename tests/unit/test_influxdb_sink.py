@@ -161,6 +161,50 @@ def test_point_log_is_bounded():
     assert len(points._new) + len(points._old) <= 8
 
 
+class ReferencePointLog(PointLog):
+    """The point log as first written (two sets, each looked up per point)."""
+
+    def __init__(self, generation):
+        super().__init__(generation)
+        self._new, self._old = set(), set()
+
+    def lines(self, formatter, batch):
+        taken, out = set(), []
+        for e in batch:
+            s, ts = formatter.series(e), e.ts_ns
+            key = hash((s, ts))
+            while key in taken or key in self._new or key in self._old:
+                ts += 1
+                key = hash((s, ts))
+            taken.add(key)
+            out.append(f"{s} {formatter.fields(e)} {ts}\n")
+        return "".join(out), taken
+
+    def commit(self, taken):
+        self._new |= taken
+        if len(self._new) >= self._generation:
+            self._old, self._new = self._new, set()
+
+
+def test_point_log_gives_the_reference_lines_across_generations():
+    import random
+
+    rng = random.Random(3)
+    tuned, reference = PointLog(generation=16), ReferencePointLog(generation=16)
+    formatter = LineFormatter()
+    for _ in range(300):
+        batch = [flow(rng.choice([UPDATE, DESTROY]), flow_id=rng.randrange(4), ts_ns=T0 + rng.randrange(40),
+                      orig=("192.0.2.2", "198.51.100.2", 40000 + rng.randrange(3), rng.choice([80, 443])))
+                 for _ in range(rng.randrange(1, 8))]
+        text, taken = tuned.lines(formatter, batch)
+        assert (text, taken) == reference.lines(formatter, batch)
+        assert tuned.lines(formatter, batch)[0] == text          # a retry before commit: the same lines
+        if rng.random() < 0.8:                                   # else the batch failed: never committed
+            tuned.commit(taken)
+            reference.commit(taken)
+    assert len(tuned._seen) <= 32
+
+
 # -- config ------------------------------------------------------------------
 
 def sink_config(text: str):
@@ -454,3 +498,46 @@ def test_tuned_formatter_gives_the_reference_lines():
             assert tuned.series(e) == reference.series(e)
             assert tuned.fields(e) == reference.fields(e)
             assert tuned.line(e) == reference.line(e)
+            assert tuned.point(e) == (reference.series(e), reference.fields(e))
+
+
+def test_series_memo_follows_mark_and_label_changes_mid_flow():
+    """The decoder shares FlowEvent.memo between the records of one flow
+    identity; the formatter keeps the series there, per formatter.  A record
+    whose labels changed gets its own series, as does one of a new identity
+    (a CONNMARK mid-flow is one: the mark is part of it)."""
+    import random
+    import socket as sock
+
+    from conntracct.probe.record import RECORD, decode, pack_tuple
+
+    a, b, nat = (sock.inet_pton(sock.AF_INET, x) for x in ("192.0.2.2", "198.51.100.2", "198.51.100.1"))
+    orig = pack_tuple(sock.AF_INET, 6, a, b, 40000, 80)
+    reply = pack_tuple(sock.AF_INET, 6, b, nat, 80, 40000)
+    rng = random.Random(11)
+    formatters = [(LineFormatter(), ReferenceFormatter()),
+                  (LineFormatter(flow_id_tag=True, source_ports=True), ReferenceFormatter(flow_id_tag=True,
+                                                                                      source_ports=True))]
+    memos = set()
+    for i in range(400):
+        mark, zone, state = rng.choice([0, 0, 0x1F]), rng.choice([0, 0, 3]), rng.choice([1, 3, 7])
+        raw = RECORD.pack(i, 1_000 * rng.choice([1, 1, 2]), 0, 4, i, i, i, i, 1, 1, 1, 1, 0x18E,
+                          orig, rng.choice([reply, reply, orig]), 4026531840, mark, zone, 2, state, 0)
+        e = decode(raw, 0)
+        memos.add(id(e.memo))
+        e.labels = rng.choice([{}, {"direction": "outbound"}, {"direction": "outbound", "site": "fra1"},
+                               {"direction": "forward"}])
+        for tuned, reference in formatters:
+            assert tuned.point(e) == (reference.series(e), reference.fields(e))
+            assert tuned.line(e) == reference.line(e)
+        assert len(e.memo) == 2   # one entry per formatter
+    assert len(memos) > 4
+
+
+def test_point_log_writes_what_line_gives():
+    events = [flow(kind, ts_ns=T0 + i, flow_id=i, proto=proto, icmp=(8, 0, 7) if proto == 1 else None,
+                   flags=flags)
+              for i, (kind, proto, flags) in enumerate([(UPDATE, 6, 0), (DESTROY, 17, 0), (UPDATE, 1, 0),
+                                                        (DESTROY, 6, FLAG_NO_ACCT), (UPDATE, 47, 0)])]
+    formatter = LineFormatter()
+    assert PointLog().lines(formatter, events)[0] == "".join(formatter.line(e) for e in events)

@@ -312,3 +312,22 @@ def test_closing_a_pipeline_that_never_started_still_drains_and_closes():
         pipeline.offer(event)
     pipeline.close(1.0)
     assert ids(sink.events) == [0, 1, 2] and sink.closed
+
+
+def test_batches_keep_offer_order_when_kinds_interleave_at_random():
+    """_take merges the DESTROY queue and the other one by sequence number,
+    whole or in part, and leaves the rest in order for the next batch."""
+    import random
+
+    rng = random.Random(4)
+    for _ in range(200):
+        worker = make_worker(FakeSink(), batch_size=rng.randrange(1, 12))
+        n = rng.randrange(0, 40)
+        for i in range(n):
+            worker.offer(flow(rng.choice([NEW, UPDATE, DESTROY, DESTROY]), flow_id=i))
+        taken = []
+        while worker.depth():
+            batch = worker._take()
+            assert 0 < len(batch) <= worker._batch_size
+            taken += ids(batch)
+        assert taken == list(range(n))

@@ -139,3 +139,31 @@ def test_json_line_is_the_documented_record_encoded():
                  status=rng.randrange(2**16), tcp_state=rng.randrange(12), flags=rng.randrange(128),
                  icmp=rng.choice([None, (8, 0, rng.randrange(65536))]), labels=labels)
         assert json_line(e) == encode(flow_record(e)) + "\n"
+
+
+def test_json_line_of_decoded_records_uses_the_flow_memo_and_stays_the_encoded_record():
+    """Decoded records carry FlowEvent.memo (shared per flow identity): the
+    identity part of the line is made once per flow, the rest every time."""
+    import json
+    import random
+    import socket
+
+    from conntracct.probe.record import RECORD, decode, pack_tuple
+    from conntracct.sinks.records import flow_record
+    from conntracct.sinks.stdout import json_line
+
+    encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+    rng = random.Random(8)
+    a, b, c = (socket.inet_pton(socket.AF_INET, x) for x in ("192.0.2.2", "198.51.100.2", "198.51.100.1"))
+    tuples = [pack_tuple(socket.AF_INET, proto, src, dst, sport, dport)
+              for proto in (6, 1) for src, dst, sport, dport in ((a, b, 40000, 80), (b, c, 80, 40000))]
+    memos = set()
+    for i in range(300):
+        orig, reply = rng.choice(tuples[:2]) if rng.random() < 0.5 else rng.choice(tuples[2:]), rng.choice(tuples)
+        raw = RECORD.pack(i, 1_000 * rng.randrange(1, 3), 0, 4, i, i, i, i, 1, 1, 1, 1, 0x18E, orig, reply,
+                          4026531840, rng.choice([0, 7]), 0, rng.randrange(1, 4), rng.randrange(10), 0)
+        e = decode(raw, 0)
+        e.labels = rng.choice([{}, {"direction": "outbound"}])
+        memos.add(id(e.memo))
+        assert json_line(e) == encode(flow_record(e)) + "\n"
+    assert len(memos) > 4

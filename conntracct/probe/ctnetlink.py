@@ -377,15 +377,15 @@ class Table:
         except (OSError, ValueError):
             return None
 
-    def discard_present(self, wanted: dict, hashed: bool = False) -> None:
+    def discard_present(self, wanted: dict, hashed: bool = False, family: int = socket.AF_UNSPEC) -> None:
         """Remove from `wanted` (keyed by CTA_TUPLE_ORIG payloads,
         orig_tuple_attr, or with `hashed` by their hash()) what belongs to an
-        entry of zone 0 in the table now."""
+        entry of zone 0 in the table now (of one address family, or all)."""
         self._seq += 1
         self._sock.send(_NLMSGHDR.pack(_NLMSGHDR.size + _NFGENMSG.size,
                                        (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET,
                                        NLM_F_REQUEST | NLM_F_DUMP, self._seq, 0)
-                        + _NFGENMSG.pack(socket.AF_UNSPEC, 0, 0))
+                        + _NFGENMSG.pack(family, 0, 0))
         pop = wanted.pop
         view = memoryview(self._buf)
         header, nla = _NLMSG_LEN_TYPE.unpack_from, _NLA.unpack_from

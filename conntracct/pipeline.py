@@ -82,7 +82,7 @@ class SinkWorker:
         self._wake = threading.Event()                  # close() -> worker: stop backing off
         self._destroys: deque[tuple[int, FlowEvent]] = deque()
         self._others: deque[tuple[int, FlowEvent]] = deque()
-        self._seq = 0
+        self._seq = 0                 # records offered so far (also their order)
         self._oldest = 0.0            # when the oldest queued record arrived (clock)
         self._inflight: list[FlowEvent] = []
         self._accepting = True
@@ -92,14 +92,14 @@ class SinkWorker:
         self._thread = threading.Thread(target=self._run, name=f"sink-{name}", daemon=True)
         stats.queue_capacity = self._capacity
         stats.queue_depth = self.depth
-        self._add_received = stats.add_received
+        stats.received = lambda: self._seq
 
     # -- reader thread -----------------------------------------------------
 
     def offer(self, event: FlowEvent) -> bool:
         """Queue one record; never blocks.  False if it was dropped."""
         with self._lock:
-            self._add_received()
+            self._seq = seq = self._seq + 1
             if not self._accepting:
                 self._stats.add_dropped(SHUTDOWN, event.kind)
                 return False
@@ -112,7 +112,6 @@ class SinkWorker:
                     return False
                 self._stats.add_dropped(QUEUE_FULL, others.popleft()[1].kind)
                 size -= 1
-            self._seq = seq = self._seq + 1
             if is_destroy:
                 destroys.append((seq, event))
             else:

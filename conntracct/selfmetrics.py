@@ -37,14 +37,13 @@ class SinkStats:
         # Read without a lock at snapshot time (len() of deques is atomic):
         # calling into the worker under our lock could deadlock with offer().
         self.queue_depth: Callable[[], int] = lambda: 0
+        # Records offered to the queue, counted by the queue under its own
+        # lock (one lock per record on the reader's hot path, not two).
+        self.received: Callable[[], int] = lambda: 0
         self._lock = threading.Lock()
-        self._received = self._emitted = 0
+        self._emitted = 0
         self._batches_sent = self._batches_failed = self._retries = 0
         self._dropped = {reason: dict.fromkeys(KINDS, 0) for reason in DROP_REASONS}
-
-    def add_received(self, n: int = 1) -> None:
-        with self._lock:
-            self._received += n
 
     def add_emitted(self, n: int) -> None:
         with self._lock:
@@ -72,11 +71,11 @@ class SinkStats:
             self._retries += 1
 
     def snapshot(self) -> dict[str, Any]:
-        depth = self.queue_depth()
+        depth, received = self.queue_depth(), self.received()
         with self._lock:
             dropped_by = {reason: dict(kinds) for reason, kinds in self._dropped.items()}
             return {
-                "received": self._received,
+                "received": received,
                 "emitted": self._emitted,
                 "dropped": sum(sum(kinds.values()) for kinds in dropped_by.values()),
                 "batches_sent": self._batches_sent,

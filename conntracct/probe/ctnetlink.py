@@ -157,6 +157,13 @@ def parse_entry(buf: memoryview, pos: int, end: int, family: int) -> CtEntry:
     return e
 
 
+def raise_netlink_error(buf, pos: int, what: str) -> None:
+    """Raise CtnetlinkError for the NLMSG_ERROR message at buf[pos:] unless it is an ack (code 0)."""
+    code = -struct.unpack_from("=i", buf, pos + _NLMSGHDR.size)[0]
+    if code:
+        raise CtnetlinkError(code, f"{what}: {os.strerror(code)}")
+
+
 def parse_messages(buf: memoryview, size: int, want_type: int):
     """Yield CtEntry for each ctnetlink message of `want_type` in buf[:size].
 
@@ -170,9 +177,7 @@ def parse_messages(buf: memoryview, size: int, want_type: int):
         if msg_type == NLMSG_DONE:
             return
         if msg_type == NLMSG_ERROR:
-            code = -struct.unpack_from("=i", buf, pos + _NLMSGHDR.size)[0]
-            if code:
-                raise CtnetlinkError(code, f"ctnetlink: {os.strerror(code)}")
+            raise_netlink_error(buf, pos, "ctnetlink")
         elif msg_type == (NFNL_SUBSYS_CTNETLINK << 8) | want_type:
             family = buf[pos + _NLMSGHDR.size]
             body = pos + _NLMSGHDR.size + _NFGENMSG.size
@@ -424,9 +429,7 @@ class Table:
                 elif msg_type == NLMSG_DONE:
                     return
                 elif msg_type == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", data, pos + _NLMSGHDR.size)[0]
-                    if code:
-                        raise CtnetlinkError(code, f"ctnetlink dump: {os.strerror(code)}")
+                    raise_netlink_error(data, pos, "ctnetlink dump")
                 pos += (length + 3) & ~3
 
     def close(self) -> None:

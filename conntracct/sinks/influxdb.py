@@ -222,6 +222,18 @@ _TCP_STATE_FIELDS = tuple(f',tcp_state="{name}"' for name in TCP_STATES)
 _TCP_STATES = len(_TCP_STATE_FIELDS)
 
 
+def _protocol_fields(e: FlowEvent) -> str:
+    """The fields after `finished`: TCP state or ICMP type/code/id."""
+    proto = e.proto
+    if proto == 6:
+        state = e.tcp_state
+        return _TCP_STATE_FIELDS[state] if state < _TCP_STATES else f',tcp_state="{state}"'
+    if proto in ICMP_PROTOS and e.icmp is not None:
+        icmp_type, code, ident = e.icmp
+        return f",icmp_type={icmp_type}i,icmp_code={code}i,icmp_id={ident}i"
+    return ""
+
+
 class LineFormatter:
     """FlowEvent -> line-protocol point, split as (series, fields): the series
     (measurement and sorted tags) is the point's identity with its timestamp.
@@ -311,15 +323,7 @@ class LineFormatter:
 
     @staticmethod
     def fields(e: FlowEvent) -> str:
-        proto = e.proto
-        if proto == 6:
-            state = e.tcp_state
-            tail = _TCP_STATE_FIELDS[state] if state < _TCP_STATES else f',tcp_state="{state}"'
-        elif proto in ICMP_PROTOS and e.icmp is not None:
-            icmp_type, code, ident = e.icmp
-            tail = f",icmp_type={icmp_type}i,icmp_code={code}i,icmp_id={ident}i"
-        else:
-            tail = ""
+        tail = _protocol_fields(e)
         if e.flags & FLAG_NO_ACCT:   # no accounting: counters are absent, not zero
             return f"flow_id={e.flow_id}i,finished={'true' if e.kind == DESTROY else 'false'}{tail}"
         return (f"packets_orig={e.packets_orig}i,bytes_orig={e.bytes_orig}i,"
@@ -339,15 +343,7 @@ class LineFormatter:
         known = e.memo.get(self) if e.memo is not None else None
         if known is None or known[0] != e.labels:
             known = self._flow_text(e)
-        proto = e.proto
-        if proto == 6:
-            state = e.tcp_state
-            tail = _TCP_STATE_FIELDS[state] if state < _TCP_STATES else f',tcp_state="{state}"'
-        elif proto in ICMP_PROTOS and e.icmp is not None:
-            icmp_type, code, ident = e.icmp
-            tail = f",icmp_type={icmp_type}i,icmp_code={code}i,icmp_id={ident}i"
-        else:
-            tail = ""
+        tail = _protocol_fields(e)
         if e.flags & FLAG_NO_ACCT:   # no accounting: counters are absent, not zero
             return known[1], f"{known[2]}{'true' if e.kind == DESTROY else 'false'}{tail}"
         return known[1], (f"packets_orig={e.packets_orig}i,bytes_orig={e.bytes_orig}i,"

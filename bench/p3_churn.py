@@ -18,7 +18,8 @@ churn flow the kernel destroyed has exactly one NEW first and one DESTROY
 from the agent, and the agent's DESTROY totals (packets and bytes, both
 directions) equal the kernel's, compared as multisets per source port.  The
 run stops at the first rate that fails, and tries the rates from there again
-with a 16 MiB ring (probe.ringbuf_pages 4096) to show what the ring size does.
+with a ring four times the default (64 MiB: probe.ringbuf_pages 16384) to
+show what the ring size does.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import ProcessMeter, Report, agent_config, arguments, need_root  # noqa: E402
+
+from conntracct.config import ProbeConfig  # noqa: E402
+
+DEFAULT_PAGES = ProbeConfig.model_fields["ringbuf_pages"].default
 
 TARGET = 10_000
 SENTINEL = ("-p", "udp", "-s", "203.0.113.254", "-d", "203.0.113.253", "--dport", "9")
@@ -105,11 +110,15 @@ def agent_stats(stderr: str) -> tuple[dict, dict]:
             ast.literal_eval(sink.group(1)) if sink else {})
 
 
+def mib(pages: int) -> str:
+    return f"{pages * 4096 // 2**20} MiB"
+
+
 def one_rate(rate: float, seconds: float, ringbuf_pages: int | None = None) -> dict:
     from tests.integration.running_agent import RunningAgent
     from tests.netns import Topology
 
-    out: dict = {"rate_asked": rate, "ringbuf_pages": ringbuf_pages or 256}
+    out: dict = {"rate_asked": rate, "ringbuf_pages": ringbuf_pages or DEFAULT_PAGES}
     with Topology(acct=True, timestamp=True) as topo:
         probe = {"ringbuf_pages": ringbuf_pages} if ringbuf_pages else {}
         agent = RunningAgent(topo, config=agent_config(**probe))
@@ -189,7 +198,7 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+",
                         default=[5000, 7500, 10000, 12500, 15000, 17500, 20000, 25000, 30000])
     parser.add_argument("--seconds", type=float, default=30)
-    parser.add_argument("--big-ring", type=int, default=4096, metavar="PAGES",
+    parser.add_argument("--big-ring", type=int, default=4 * DEFAULT_PAGES, metavar="PAGES",
                         help="from the first failing rate on, try again with probe.ringbuf_pages PAGES (0: don't)")
     args = parser.parse_args()
     need_root("P3")
@@ -199,20 +208,20 @@ def main() -> None:
     steps, best = series(args.rates, args.seconds, None)
     report.details = {"steps": steps, "seconds": args.seconds}
     for step in steps:
-        report.row(f"{step['rate_asked']:,.0f} conn/s asked for {args.seconds:g} s (ring 1 MiB, default)",
+        report.row(f"{step['rate_asked']:,.0f} conn/s asked for {args.seconds:g} s (ring {mib(DEFAULT_PAGES)}, default)",
                    f"{step['rate']:,.0f}/s {'ok' if step['ok'] else 'FAIL'}",
                    note=f"lost {sum(max(v, 0) for v in step['lost'].values()):,}, exact={step['exact']}, "
                         f"agent CPU {step['agent_cpu_share']:.0%} of a core")
     made = next((s["rate"] for s in steps if s["ok"] and s["rate_asked"] == best), 0)
     report.row("highest rate with zero loss and exact DESTROY totals", f"{best:,.0f} conn/s",
                f">= {TARGET:,}/s", best >= TARGET,
-               f"{made:,.0f}/s made by the generator; probe.ringbuf_pages 256 (the default)")
+               f"{made:,.0f}/s made by the generator; probe.ringbuf_pages {DEFAULT_PAGES} (the default)")
     failed = [s["rate_asked"] for s in steps if not s["ok"]]
     if failed and args.big_ring:
         big_steps, big_best = series([r for r in args.rates if r >= failed[0]], args.seconds, args.big_ring)
         report.details["big_ring_steps"] = big_steps
         for step in big_steps:
-            report.row(f"{step['rate_asked']:,.0f} conn/s asked (ring {args.big_ring * 4 // 1024} MiB)",
+            report.row(f"{step['rate_asked']:,.0f} conn/s asked (ring {mib(args.big_ring)})",
                        f"{step['rate']:,.0f}/s {'ok' if step['ok'] else 'FAIL'}",
                        note=f"lost {sum(max(v, 0) for v in step['lost'].values()):,}, exact={step['exact']}, "
                             f"agent CPU {step['agent_cpu_share']:.0%} of a core")

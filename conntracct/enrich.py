@@ -73,20 +73,24 @@ class Enricher:
         memo = event.memo
         if memo is not None and not event.labels:
             # The verdict depends only on the flow's addresses: once per flow
-            # (FlowEvent.memo), None if the flow is ignored.
+            # (FlowEvent.memo).
             labels = memo.get(self, _UNKNOWN)
             if labels is _UNKNOWN:
                 labels = memo[self] = self._verdict(event)
-            if labels is None:
-                if self._stats is not None:
-                    self._stats.add("ignored")
-                return None
+        else:
+            labels = self._verdict(event)
+        if labels is None:
+            if self._stats is not None:
+                self._stats.add("ignored")
+            return None
+        if event.labels:    # labels of its own: the configured ones and the direction added
+            event.labels.update(labels)
+        else:
             event.labels = labels
-            return event
-        return self._label(event)
+        return event
 
     def _verdict(self, event: FlowEvent) -> dict[str, str] | None:
-        """The shared label set an unlabelled record of this flow gets, or None if ignored."""
+        """The shared label set a record of this flow gets, or None if ignored."""
         cache = self._cache
         src = cache.get(event.orig.src) or self._classify(event.orig.src)
         dst = cache.get(event.orig.dst) or self._classify(event.orig.dst)
@@ -95,22 +99,3 @@ class Enricher:
         end = dst if event.reply.src == event.orig.dst else (
             cache.get(event.reply.src) or self._classify(event.reply.src))
         return self._label_sets[2 * src[1] + end[1]]
-
-    def _label(self, event: FlowEvent) -> FlowEvent | None:
-        cache = self._cache
-        src = cache.get(event.orig.src) or self._classify(event.orig.src)
-        dst = cache.get(event.orig.dst) or self._classify(event.orig.dst)
-        if src[0] or dst[0]:
-            if self._stats is not None:
-                self._stats.add("ignored")
-            return None
-        end = dst if event.reply.src == event.orig.dst else (
-            cache.get(event.reply.src) or self._classify(event.reply.src))
-        labels = event.labels
-        if not labels:
-            event.labels = self._label_sets[2 * src[1] + end[1]]
-            return event
-        if self._labels:
-            labels.update(self._labels)
-        labels["direction"] = direction(src[1], end[1])
-        return event

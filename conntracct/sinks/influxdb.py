@@ -321,37 +321,26 @@ class LineFormatter:
         tags.sort()
         return self._series_prefix + ",".join(tags)
 
-    @staticmethod
-    def fields(e: FlowEvent) -> str:
-        tail = _protocol_fields(e)
-        if e.flags & FLAG_NO_ACCT:   # no accounting: counters are absent, not zero
-            return f"flow_id={e.flow_id}i,finished={'true' if e.kind == DESTROY else 'false'}{tail}"
-        return (f"packets_orig={e.packets_orig}i,bytes_orig={e.bytes_orig}i,"
-                f"packets_reply={e.packets_reply}i,bytes_reply={e.bytes_reply}i,"
-                f"delta_packets_orig={e.delta_packets_orig}i,delta_bytes_orig={e.delta_bytes_orig}i,"
-                f"delta_packets_reply={e.delta_packets_reply}i,delta_bytes_reply={e.delta_bytes_reply}i,"
-                f"flow_id={e.flow_id}i,finished={'true' if e.kind == DESTROY else 'false'}{tail}")
+    def fields(self, e: FlowEvent) -> str:
+        return self.point(e)[1]
 
     def line(self, e: FlowEvent) -> str:
         """One point, newline-terminated, at the record's own timestamp."""
         return f"{self.series(e)} {self.fields(e)} {e.ts_ns}\n"
 
     def point(self, e: FlowEvent) -> tuple[str, str]:
-        """(series(e), fields(e)) in one go, the flow id field memoised with
-        the series: the sink's per-record work (tests/unit/test_influxdb_sink.py
-        compares the two ways)."""
-        known = e.memo.get(self) if e.memo is not None else None
-        if known is None or known[0] != e.labels:
-            known = self._flow_text(e)
+        """(series, fields) in one go, the flow id field memoised with the
+        series: the sink's per-record work."""
+        _, series, flow_id = self._flow_text(e)
+        finished = "true" if e.kind == DESTROY else "false"
         tail = _protocol_fields(e)
         if e.flags & FLAG_NO_ACCT:   # no accounting: counters are absent, not zero
-            return known[1], f"{known[2]}{'true' if e.kind == DESTROY else 'false'}{tail}"
-        return known[1], (f"packets_orig={e.packets_orig}i,bytes_orig={e.bytes_orig}i,"
-                          f"packets_reply={e.packets_reply}i,bytes_reply={e.bytes_reply}i,"
-                          f"delta_packets_orig={e.delta_packets_orig}i,delta_bytes_orig={e.delta_bytes_orig}i,"
-                          f"delta_packets_reply={e.delta_packets_reply}i,"
-                          f"delta_bytes_reply={e.delta_bytes_reply}i,"
-                          f"{known[2]}{'true' if e.kind == DESTROY else 'false'}{tail}")
+            return series, f"{flow_id}{finished}{tail}"
+        return series, (f"packets_orig={e.packets_orig}i,bytes_orig={e.bytes_orig}i,"
+                        f"packets_reply={e.packets_reply}i,bytes_reply={e.bytes_reply}i,"
+                        f"delta_packets_orig={e.delta_packets_orig}i,delta_bytes_orig={e.delta_bytes_orig}i,"
+                        f"delta_packets_reply={e.delta_packets_reply}i,delta_bytes_reply={e.delta_bytes_reply}i,"
+                        f"{flow_id}{finished}{tail}")
 
 
 class PointLog:

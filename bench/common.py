@@ -8,16 +8,13 @@ and `--json PATH` (its results, for bench/run.py's table).
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import ctypes
 import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -199,21 +196,13 @@ def prog_stats_of_pid(pid: int, prog_type: int) -> tuple[int, int]:
 
 # -- C helpers ---------------------------------------------------------------------
 
-_build_dir: Path | None = None
-
-
 def compile_helper(source: str) -> Path:
-    """bench/<source> compiled with gcc -O2 into a private directory (removed at exit)."""
-    global _build_dir
-    if shutil.which("gcc") is None:
+    """bench/<source> compiled with gcc -O2, as the tests' C helpers are."""
+    from tests.netns.build import compile_c
+    binary = compile_c(str(BENCH / source))
+    if binary is None:
         sys.exit("gcc is needed for the benchmark traffic helpers (apt-get install gcc)")
-    if _build_dir is None:
-        _build_dir = Path(tempfile.mkdtemp(prefix="conntracct-bench-"))
-        atexit.register(shutil.rmtree, _build_dir, True)
-    out = _build_dir / Path(source).stem
-    if not out.exists():
-        subprocess.run(["gcc", "-O2", "-Wall", "-o", str(out), str(BENCH / source)], check=True)
-    return out
+    return binary
 
 
 class Flows:

@@ -128,7 +128,8 @@ def wall_offset_ns() -> int:
 def cflags(mode: str, settings: ProbeSettings, destroy: str = DESTROY_FUNCS[0]) -> list[str]:
     offsets = kernel_offsets(kernel_btf())
     flags = [f"-D{name}={value}" for name, value in sorted(offsets.items())]
-    flags += [f"-DMODE_{mode.upper()}", f"-DMAX_FLOWS={settings.max_flows}",
+    # -I: bpf/conntracct.c includes the record layout, bpf/record.h.
+    flags += [f"-I{PROBE_SOURCE.parent}", f"-DMODE_{mode.upper()}", f"-DMAX_FLOWS={settings.max_flows}",
               f"-DRINGBUF_PAGES={settings.ringbuf_pages}", f"-DDESTROY_FUNC={destroy}",
               "-D" + rate_curve_macro(settings.rate_curve, settings.final_interval_ns)]
     return flags

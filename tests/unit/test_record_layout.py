@@ -11,7 +11,7 @@ from conntracct import flow
 from conntracct.probe import record
 from conntracct.probe.loader import PROBE_SOURCE, SET_AGENT_START, SET_STAMPED_SINCE_START, SET_WALL_OFFSET
 
-SOURCE = PROBE_SOURCE.read_text()
+SOURCE = (PROBE_SOURCE.parent / "record.h").read_text()
 
 
 def c_struct(name: str) -> str:

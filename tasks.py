@@ -1,10 +1,13 @@
 #!/usr/bin/env python3
 """conntracct's task runner (stdlib only; each task installs what it needs).
 
-    ./tasks.py setup    apt packages, kernel header tree for BCC, .venv
-    ./tasks.py run      set up, then run the agent (args after -- go to `conntracct run`)
-    ./tasks.py test     set up, then run the whole test suite (args go to pytest; without
-                        args the guest tests follow, see vm-test and CONNTRACCT_VM_TESTS)
+    ./tasks.py setup    apt packages the agent needs, kernel header tree for BCC, .venv
+    ./tasks.py run      set up, then run the agent (args after -- go to `conntracct run`;
+                        without args: `conntracct run --ensure-tracking`, so a host with
+                        no conntrack rule still shows flows; see the README's Quick start)
+    ./tasks.py test     set up, plus the servers and tools only the tests use, then run the
+                        whole test suite (args go to pytest; without args the guest tests
+                        follow, see vm-test and CONNTRACCT_VM_TESTS)
     ./tasks.py lint     ruff
     ./tasks.py bench    benchmarks, results into bench/README.md
     ./tasks.py vm-test  the probe tests again in kprobe mode, in a Debian kernel under QEMU
@@ -34,13 +37,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 PY = VENV / "bin" / "python"
-# Debian packages the agent and its tests need.
+# Debian packages the agent needs to run (./tasks.py setup, run).
 APT_PACKAGES = [
     "python3-bpfcc", "python3-venv", "linux-headers-amd64", "kmod",
     "iproute2", "nftables", "conntrack", "iputils-ping", "procps",
+]
+# What only the tests use (./tasks.py test, bench): one entry per package,
+# append to it; `run` never installs these.
+TEST_APT_PACKAGES = [
     # real servers the sink tests write to and query back
     "influxdb", "victoria-metrics", "prometheus",
+    # systemd-analyze, which checks dist/conntracct.service
+    "systemd",
 ]
+# apt waits this long for another apt/dpkg (unattended-upgrades at boot) to
+# release its locks, instead of failing.
+APT_LOCK_WAIT_S = 600
 
 # The guest for ./tasks.py vm-test: Debian's stock kernel (the headers above
 # match it), booted by virtme-ng with the host's root filesystem read-only.
@@ -63,15 +75,33 @@ def need_root(task: str) -> None:
         sys.exit(f"./tasks.py {task}: run as root (it installs packages and loads BPF programs)")
 
 
+def apt_get(*args: str) -> None:
+    """apt-get, waiting for the locks another apt or dpkg holds.  `install`
+    waits for dpkg's lock itself (DPkg::Lock::Timeout); `update` ignores that
+    option for its lists lock (apt 2.6), so a lock failure is retried here."""
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive", LC_ALL="C")   # C: the lock message below
+    cmd = ["apt-get", "-o", f"DPkg::Lock::Timeout={APT_LOCK_WAIT_S}", *args]
+    deadline = time.monotonic() + APT_LOCK_WAIT_S
+    while True:
+        print("+", " ".join(cmd), flush=True)
+        proc = subprocess.run(cmd, env=env, stderr=subprocess.PIPE, text=True)
+        sys.stderr.write(proc.stderr)
+        if proc.returncode == 0:
+            return
+        if "Could not get lock" not in proc.stderr or time.monotonic() > deadline:
+            raise subprocess.CalledProcessError(proc.returncode, cmd)
+        print("apt: another apt or dpkg holds its lock; retrying in 5 s", flush=True)
+        time.sleep(5)
+
+
 def apt_install(packages: list[str]) -> None:
     missing = [p for p in packages
                if subprocess.run(["dpkg-query", "-W", "-f=${Status}", p], capture_output=True,
                                  text=True).stdout != "install ok installed"]
     if not missing:
         return
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    sh("apt-get", "update", "-q", env=env)
-    sh("apt-get", "install", "-y", "-q", "--no-install-recommends", *missing, env=env)
+    apt_get("update", "-q")
+    apt_get("install", "-y", "-q", "--no-install-recommends", *missing)
 
 
 def header_tree() -> None:
@@ -124,11 +154,23 @@ def setup() -> None:
 
 def run(args: list[str]) -> None:
     setup()
+    if not args:
+        # A host without firewall, NAT or Docker rules tracks nothing, so the
+        # agent would see no flow: ask it to install its own accept-only
+        # table (it says so in its log and removes the table on exit).
+        args = ["--ensure-tracking"]
+        print("./tasks.py run: conntracct run --ensure-tracking (conntrack.ensure_tracking: "
+              "the agent adds nftables table inet conntracct while it runs)", flush=True)
     os.execv(str(VENV / "bin" / "conntracct"), ["conntracct", "run", *args])
 
 
-def test(args: list[str]) -> None:
+def test_setup() -> None:
     setup()
+    apt_install(TEST_APT_PACKAGES)
+
+
+def test(args: list[str]) -> None:
+    test_setup()
     os.chdir(ROOT)
     code = subprocess.run([str(PY), "-m", "pytest", *(args or ["tests"])]).returncode
     if not args:
@@ -279,7 +321,7 @@ def lint(args: list[str]) -> None:
 
 
 def bench(args: list[str]) -> None:
-    setup()
+    test_setup()     # the sink benchmarks write to the test servers
     sys.exit(subprocess.run([str(PY), str(ROOT / "bench" / "run.py"), *args], cwd=ROOT).returncode)
 
 

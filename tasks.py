@@ -49,6 +49,11 @@ TEST_APT_PACKAGES = [
     "influxdb", "victoria-metrics", "prometheus",
     # systemd-analyze, which checks dist/conntracct.service
     "systemd",
+    # IPFIX collectors the ipfix sink tests read back from (nfcapd + nfdump,
+    # pmacct's nfacctd, tshark's cflow dissector; tshark's debconf question
+    # about capture rights takes its default under DEBIAN_FRONTEND=noninteractive),
+    # and python3-ipfix, the library bench/ipfix_encode.py compares against
+    "nfdump", "pmacct", "tshark", "python3-ipfix",
 ]
 # apt waits this long for another apt/dpkg (unattended-upgrades at boot) to
 # release its locks, instead of failing.

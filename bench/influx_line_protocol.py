@@ -17,8 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from conntracct.flow import DESTROY, UPDATE, FlowEvent, FlowTuple  # noqa: E402
-from conntracct.sinks.influxdb import FAMILY_NAMES, LineFormatter, PointLog  # noqa: E402
-from conntracct.sinks.stdout import PORT_PROTOS  # noqa: E402
+from conntracct.sinks.common import PORT_PROTOS  # noqa: E402
+from conntracct.sinks.lineprotocol import FAMILY_NAMES, LineFormatter, PointLog  # noqa: E402
 
 
 def sample_events(n: int, seed: int = 1, ts_ns: int | None = None, local: int = 16,
@@ -103,7 +103,9 @@ def main() -> None:
     n = parser.parse_args().records
     events = sample_events(n)
     formatter = LineFormatter()
-    rate("conntracct LineFormatter.line", n, lambda: [formatter.line(e) for e in events])
+    point = formatter.point
+    rate("conntracct LineFormatter.point", n,
+         lambda: [f"{s} {fields} {e.ts_ns}\n" for e in events for s, fields in (point(e),)])
     rate("conntracct sink batch (unique points, join)", n,
          lambda: PointLog().lines(formatter, events))
     rate("influxdb_client Point.to_line_protocol", n, lambda: point_lines(events))

@@ -24,7 +24,7 @@ from influx_line_protocol import sample_events  # noqa: E402
 
 from conntracct.config import parse_config  # noqa: E402
 from conntracct.sinks import create_sink  # noqa: E402
-from conntracct.sinks.influxdb import LineFormatter  # noqa: E402
+from conntracct.sinks.lineprotocol import LineFormatter  # noqa: E402
 from tests.servers.influx import Influxd, VictoriaMetrics  # noqa: E402
 
 
@@ -52,7 +52,7 @@ def main() -> None:
     if missing:
         sys.exit(f"not installed: {', '.join(missing)} (./tasks.py setup installs them)")
     t0 = time.time_ns()
-    series = len({LineFormatter().series(e) for e in sample_events(args.records, ts_ns=t0)})
+    series = len({LineFormatter().point(e)[0] for e in sample_events(args.records, ts_ns=t0)})
     print(f"{args.records} records in batches of {args.batch}, {series} series; 'new series': the first "
           "write of each series, 'known series': the same series again", flush=True)
     with Influxd() as influxd, VictoriaMetrics() as vm:

@@ -51,8 +51,8 @@ from conntracct.probe.record import RECORD, TRACK, decode, first_sight_new, pack
 from conntracct.selfmetrics import Stats  # noqa: E402
 from conntracct.sinks import create_sink  # noqa: E402
 from conntracct.sinks.elasticsearch import BulkBody  # noqa: E402
-from conntracct.sinks.influxdb import LineFormatter, PointLog  # noqa: E402
-from conntracct.sinks.stdout import json_line  # noqa: E402
+from conntracct.sinks.lineprotocol import LineFormatter, PointLog  # noqa: E402
+from conntracct.sinks.records import json_line  # noqa: E402
 
 TARGET_INFLUX = 200_000
 KIND_NEW, KIND_UPDATE, KIND_DESTROY = 1, 2, 3

@@ -37,22 +37,20 @@ import threading
 import time
 from collections.abc import Iterator
 from functools import lru_cache
-from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
-from ..configtypes import PositiveDuration, StrictModel, config_errors, resolve_secret
+from ..configtypes import PositiveDuration, config_errors
 from ..flow import DESTROY, FLAG_NO_ACCT, KINDS, NEW, UPDATE, FlowEvent
 from .base import PermanentSinkError, Sink, SinkConfig, TransientSinkError
+from .common import PORT_PROTOS, TLSConfig, http_url, read_secrets
 from .records import flag_names, flow_id_text, rfc3339
 
 log = logging.getLogger(__name__)
 
 TEMPLATE_VERSION = 1          # bump when the mappings change: the template is replaced
 TEMPLATE_PRIORITY = 200       # above the built-in templates (100); live index: +1
-PORT_PROTOS = frozenset({6, 17, 33, 132, 136})   # tcp udp dccp sctp udplite
 
 # enrichment's direction label -> ECS network.direction
 ECS_DIRECTIONS = {"inbound": "inbound", "outbound": "outbound", "local": "internal", "forward": "external"}
@@ -77,21 +75,6 @@ def _index_prefix(value: str) -> str:
     return value
 
 
-def _host_url(value: str) -> str:
-    parts = urlsplit(value)
-    try:
-        port = parts.port
-    except ValueError:
-        port = -1
-    if parts.scheme not in ("http", "https") or not parts.hostname or port == -1:
-        raise ValueError("expected an http:// or https:// URL such as http://127.0.0.1:9200")
-    if port is None and parts.scheme == "http":
-        raise ValueError("expected a port in the URL, e.g. http://127.0.0.1:9200")
-    if parts.query or parts.fragment:
-        raise ValueError("expected a URL without ?query or #fragment")
-    return value.rstrip("/")
-
-
 def _one_or_more(value: Any) -> Any:
     return [value] if isinstance(value, str) else value
 
@@ -102,27 +85,16 @@ def _some_hosts(value: list[str]) -> list[str]:
     return value
 
 
-class TlsConfig(StrictModel):
-    verify: bool = True              # check the server's certificate and name
-    ca_file: str | None = None       # PEM bundle of the CA(s); default: the system store
-
-    @model_validator(mode="after")
-    def _ca_file_exists(self) -> TlsConfig:
-        if self.ca_file is not None and not Path(self.ca_file).is_file():
-            raise config_errors([(("ca_file",), "expected a readable PEM file; it does not exist", self.ca_file)])
-        return self
-
-
 class ElasticsearchConfig(SinkConfig):
     type: Literal["elasticsearch"]
-    hosts: Annotated[list[Annotated[str, AfterValidator(_host_url)]],
+    hosts: Annotated[list[Annotated[str, AfterValidator(http_url("http://127.0.0.1:9200", port_required=True))]],
                      BeforeValidator(_one_or_more), AfterValidator(_some_hosts)]
     username: str | None = None
     password: str | None = Field(None, repr=False)
     password_env: str | None = None
     api_key: str | None = Field(None, repr=False)    # the encoded key (base64 of id:key)
     api_key_env: str | None = None
-    tls: TlsConfig = Field(default_factory=TlsConfig)
+    tls: TLSConfig = Field(default_factory=TLSConfig)
     timeout: PositiveDuration = 10.0
     index: Annotated[str, AfterValidator(_index_prefix)] = "conntracct-flows"
     index_mode: Literal["daily", "data_stream"] = "daily"
@@ -135,8 +107,7 @@ class ElasticsearchConfig(SinkConfig):
     def _auth_and_kinds(self) -> ElasticsearchConfig:
         if self.observer_hostname is None:
             self.observer_hostname = socket.gethostname()
-        self.password = resolve_secret(self.password, self.password_env, "password")
-        self.api_key = resolve_secret(self.api_key, self.api_key_env, "api_key")
+        self.password, self.api_key = read_secrets(self, "password", "api_key")
         errors = []
         if self.username is not None and self.password is None:
             errors.append((("password",), "expected password or password_env with username", None))
@@ -166,7 +137,7 @@ def end_ns(event: FlowEvent) -> int:
     return event.stop_ns or event.ts_ns
 
 
-def _endpoint(ip: str, port: int, with_port: bool) -> dict[str, Any]:
+def _ecs_endpoint(ip: str, port: int, with_port: bool) -> dict[str, Any]:
     return {"ip": ip, "port": port} if with_port else {"ip": ip}
 
 
@@ -185,8 +156,8 @@ def flow_document(event: FlowEvent, observer_hostname: str, live: bool = False) 
     if event.start_ns and when >= event.start_ns:
         ev["duration"] = when - event.start_ns
 
-    source = _endpoint(o.src, o.sport, ports)
-    destination = _endpoint(o.dst, o.dport, ports)
+    source = _ecs_endpoint(o.src, o.sport, ports)
+    destination = _ecs_endpoint(o.dst, o.dport, ports)
     network: dict[str, Any] = {"transport": event.proto_name, "iana_number": str(event.proto),
                                "type": f"ipv{event.family}"}
     if not event.flags & FLAG_NO_ACCT:    # absent, not zero
@@ -198,9 +169,9 @@ def flow_document(event: FlowEvent, observer_hostname: str, live: bool = False) 
     nat = event.nat
     if nat:
         if (r.dst, r.dport) != (o.src, o.sport):      # SNAT: the source as the responder sees it
-            source["nat"] = _endpoint(r.dst, r.dport, ports)
+            source["nat"] = _ecs_endpoint(r.dst, r.dport, ports)
         if (r.src, r.sport) != (o.dst, o.dport):      # DNAT: where the flow really went
-            destination["nat"] = _endpoint(r.src, r.sport, ports)
+            destination["nat"] = _ecs_endpoint(r.src, r.sport, ports)
 
     conntrack: dict[str, Any] = {
         "flow_id": flow_id_text(event.flow_id),
@@ -211,8 +182,8 @@ def flow_document(event: FlowEvent, observer_hostname: str, live: bool = False) 
     if event.proto == 6:
         conntrack["tcp_state"] = event.tcp_state_name
     conntrack["nat"] = nat
-    conntrack["reply"] = {"source": _endpoint(r.src, r.sport, ports),
-                          "destination": _endpoint(r.dst, r.dport, ports)}
+    conntrack["reply"] = {"source": _ecs_endpoint(r.src, r.sport, ports),
+                          "destination": _ecs_endpoint(r.dst, r.dport, ports)}
     if live:
         conntrack["finished"] = ended
 

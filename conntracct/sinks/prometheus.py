@@ -48,7 +48,7 @@ from .. import __version__
 from ..configtypes import Network, PositiveDuration, config_errors
 from ..flow import DESTROY, FLAG_NO_ACCT, KINDS, FlowEvent
 from .base import PermanentSinkError, Sink, SinkConfig
-from .stdout import PORT_PROTOS
+from .common import PORT_PROTOS, endpoint
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -168,12 +168,6 @@ class _Flow:
         self.seen = _NOTHING_SEEN    # the flow's totals already counted
 
 
-def _endpoint(addr: str, port: int | None) -> str:
-    if port is None:
-        return addr
-    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
-
-
 class FlowTable:
     """Live flows by flow id, grouped by remote host, with the cardinality cap.
 
@@ -221,7 +215,7 @@ class FlowTable:
         else:
             addr, port = event.reply.src, event.reply.sport
         with_port = self.host_ports and event.proto in PORT_PROTOS
-        return addr, _endpoint(addr, port if with_port else None)
+        return addr, endpoint(addr, port if with_port else None)
 
     # -- updates (worker thread) -------------------------------------------
 
@@ -608,7 +602,7 @@ class PrometheusSink(Sink):
     @property
     def url(self) -> str:
         host, port = self.address
-        return f"http://{_endpoint(host, port)}{self.config.path}"
+        return f"http://{endpoint(host, port)}{self.config.path}"
 
     def observe(self, snapshot: Callable[[], dict]) -> None:
         self.agent.snapshot = snapshot

@@ -11,22 +11,19 @@ pkts/bytes are original/reply totals, with the gain since the flow's previous
 record in parentheses.  Parts appear only when they apply: the NAT reply tuple,
 TCP state, ICMP `type= code= ident=`, `dur=` once start and stop are known,
 non-zero zone/mark/netns, flags, labels.  IPv6 endpoints are `[addr]:port`.
-JSON: docs/record-fields.md (records.flow_record, written out by json_line).
+JSON: docs/record-fields.md (records.json_line, shared with other sinks).
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable
-from functools import lru_cache
 from typing import Literal
 
 from ..flow import FLAG_NO_ACCT, FlowEvent, FlowTuple
 from .base import PermanentSinkError, Sink, SinkConfig
-from .records import flag_names, flow_id_text, rfc3339, utc_second
-
-PORT_PROTOS = frozenset({6, 17, 33, 132, 136})   # tcp udp dccp sctp udplite
+from .common import PORT_PROTOS, endpoint
+from .records import flag_names, flow_id_text, json_line, rfc3339
 
 
 class StdoutConfig(SinkConfig):
@@ -34,14 +31,10 @@ class StdoutConfig(SinkConfig):
     format: Literal["text", "json"] = "text"
 
 
-def _endpoint(addr: str, port: int, with_port: bool) -> str:
-    if not with_port:
-        return addr
-    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
-
-
 def _endpoints(t: FlowTuple, with_ports: bool) -> str:
-    return f"{_endpoint(t.src, t.sport, with_ports)} -> {_endpoint(t.dst, t.dport, with_ports)}"
+    if not with_ports:
+        return f"{t.src} -> {t.dst}"
+    return f"{endpoint(t.src, t.sport)} -> {endpoint(t.dst, t.dport)}"
 
 
 def text_line(e: FlowEvent) -> str:
@@ -72,76 +65,6 @@ def text_line(e: FlowEvent) -> str:
     if e.labels:
         parts.append("labels={" + ",".join(f"{k}={v}" for k, v in sorted(e.labels.items())) + "}")
     return " ".join(parts) + "\n"
-
-
-_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-# The encoder's own string escaping (ensure_ascii=False): '"', '\\' and control characters.
-_STR = json.encoder.encode_basestring
-
-
-@lru_cache(maxsize=256)
-def _flags_json(flags: int) -> str:
-    return _ENCODE(flag_names(flags))
-
-
-def _time(ns: int) -> str:
-    """'"<rfc3339(ns)>"', quoted (its characters need no escaping)."""
-    second, frac = divmod(ns, 1_000_000_000)
-    return f'"{utc_second(second)}.{frac:09d}Z"'
-
-
-def _nullable_time(ns: int) -> str:
-    return _time(ns) if ns else "null"
-
-
-def _labels_json(labels: dict) -> str:
-    try:
-        return "{" + ",".join([_STR(key) + ":" + _STR(value) for key, value in labels.items()]) + "}"
-    except TypeError:   # not all text: the encoder's own conversions
-        return _ENCODE(labels)
-
-
-_JSON_IDENTITY = object()   # json_line's key in FlowEvent.memo
-
-
-def _json_identity(e: FlowEvent) -> str:
-    """The part of a JSON line that only the flow's identity decides, from
-    "flow_id" to "nat": made once per flow (FlowEvent.memo)."""
-    o, r = e.orig, e.reply
-    return (f'"flow_id":"{e.flow_id:016x}","family":{e.family:d},'
-            f'"protocol":{_STR(e.proto_name)},"protocol_number":{e.proto:d},'
-            f'"orig":{{"src":{_STR(o.src)},"dst":{_STR(o.dst)},"sport":{o.sport:d},"dport":{o.dport:d}}},'
-            f'"reply":{{"src":{_STR(r.src)},"dst":{_STR(r.dst)},"sport":{r.sport:d},"dport":{r.dport:d}}},'
-            f'"nat":{"true" if e.nat else "false"},')
-
-
-def json_line(e: FlowEvent) -> str:
-    """_ENCODE(flow_record(e)) + newline, written out directly: the same text
-    (tests/unit/test_stdout_sink.py compares them) in less than half the time,
-    for the sink that writes every record of a busy host."""
-    memo = e.memo
-    if memo is None:
-        identity = _json_identity(e)
-    else:
-        identity = memo.get(_JSON_IDENTITY)
-        if identity is None:
-            identity = memo[_JSON_IDENTITY] = _json_identity(e)
-    tcp_state = e.tcp_state_name
-    line = (f'{{"kind":{_STR(e.kind)},{identity}'
-            f'"packets_orig":{e.packets_orig:d},"bytes_orig":{e.bytes_orig:d},'
-            f'"packets_reply":{e.packets_reply:d},"bytes_reply":{e.bytes_reply:d},'
-            f'"delta_packets_orig":{e.delta_packets_orig:d},"delta_bytes_orig":{e.delta_bytes_orig:d},'
-            f'"delta_packets_reply":{e.delta_packets_reply:d},"delta_bytes_reply":{e.delta_bytes_reply:d},'
-            f'"start":{_nullable_time(e.start_ns)},"start_ns":{e.start_ns:d},'
-            f'"stop":{_nullable_time(e.stop_ns)},"stop_ns":{e.stop_ns:d},'
-            f'"timestamp":{_time(e.ts_ns)},"timestamp_ns":{e.ts_ns:d},'
-            f'"zone":{e.zone:d},"mark":{e.mark:d},"netns":{e.netns:d},"status":{e.status:d},'
-            f'"tcp_state":{_STR(tcp_state) if tcp_state else "null"},"flags":{_flags_json(e.flags)},'
-            f'"labels":{_labels_json(e.labels) if e.labels else "{}"}')
-    if e.icmp is not None:
-        icmp_type, code, ident = e.icmp
-        line += f',"icmp":{{"type":{icmp_type:d},"code":{code:d},"id":{ident:d}}}'
-    return line + "}\n"
 
 
 FORMATS: dict[str, Callable[[FlowEvent], str]] = {"text": text_line, "json": json_line}

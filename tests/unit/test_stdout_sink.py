@@ -14,8 +14,9 @@ from conntracct.config import parse_config
 from conntracct.flow import DESTROY, FLAG_BACKDATED, FLAG_NO_ACCT, NEW, UPDATE
 from conntracct.sinks import create_sink
 from conntracct.sinks.base import PermanentSinkError
-from conntracct.sinks.records import flow_record, rfc3339
-from conntracct.sinks.stdout import json_line, text_line
+from conntracct.sinks.records import json_line, rfc3339
+from conntracct.sinks.stdout import text_line
+from tests.reference.records import flow_record
 
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "record-fields.md"
 
@@ -115,12 +116,9 @@ def test_sink_reports_a_closed_stream_as_permanent(monkeypatch):
 
 def test_json_line_is_the_documented_record_encoded():
     """json_line() writes the JSON by hand: it must be exactly the encoder's
-    text of flow_record(), whatever the event holds."""
+    text of flow_record() (tests/reference/records.py), whatever the event holds."""
     import json
     import random
-
-    from conntracct.sinks.records import flow_record
-    from conntracct.sinks.stdout import json_line
 
     encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
     rng = random.Random(3)
@@ -149,8 +147,6 @@ def test_json_line_of_decoded_records_uses_the_flow_memo_and_stays_the_encoded_r
     import socket
 
     from conntracct.probe.record import RECORD, decode, pack_tuple
-    from conntracct.sinks.records import flow_record
-    from conntracct.sinks.stdout import json_line
 
     encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
     rng = random.Random(8)

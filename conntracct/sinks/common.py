@@ -1,0 +1,89 @@
+"""What sinks share: endpoint text, the protocols with ports, TLS options,
+URL validation and secrets read from the environment.
+
+Sinks import these from here and never from each other, so a sink can be
+added or removed without touching another one.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Annotated, Any
+from urllib.parse import urlsplit
+
+from pydantic import AfterValidator
+
+from ..configtypes import NO_VALUE, ConfigError, StrictModel, config_errors, resolve_secret
+from ..flow import IPPROTO_NAMES
+
+# Protocols whose tuples carry ports (the rest have 0 there): by name from
+# flow.IPPROTO_NAMES, the one table of protocol numbers and names.
+PORT_PROTOS = frozenset(number for number, name in IPPROTO_NAMES.items()
+                        if name in ("tcp", "udp", "dccp", "sctp", "udplite"))
+
+
+def endpoint(addr: str, port: int | None = None) -> str:
+    """'addr', 'addr:port', or '[v6addr]:port' (brackets only with a port)."""
+    if port is None:
+        return addr
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+# -- TLS -----------------------------------------------------------------------
+
+def _pem_file(value: str | None) -> str | None:
+    if value is not None and not os.path.isfile(value):
+        raise ValueError("expected a readable PEM file (CA certificates); it does not exist")
+    return value
+
+
+class TLSConfig(StrictModel):
+    """`tls:` of every sink that speaks HTTPS; ignored for http:// URLs (a
+    sink with several hosts may mix them)."""
+
+    verify: bool = True       # check the server's certificate and host name
+    ca_file: Annotated[str | None, AfterValidator(_pem_file)] = None   # default: the system's CAs
+
+
+# -- URLs ----------------------------------------------------------------------
+
+def http_url(example: str, port_required: bool = False) -> Callable[[str], str]:
+    """A validator of an http(s) base URL: no credentials (sinks take them as
+    their own keys), no query or fragment; with `port_required`, an http://
+    URL must name its port (the server's default is not 80).  `example`
+    shows the expected form in errors."""
+
+    def check(value: str) -> str:
+        parts = urlsplit(value.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"expected an http:// or https:// URL such as {example}")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("expected a URL without credentials: give them as the sink's own keys "
+                             "(token, username/password, api_key)")
+        if parts.query or parts.fragment:
+            raise ValueError("expected a URL without ?query or #fragment")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError("expected a URL with a port number from 1 to 65535") from None
+        if port_required and port is None and parts.scheme == "http":
+            raise ValueError(f"expected a port in the URL, e.g. {example}")
+        return value.strip().rstrip("/")
+
+    return check
+
+
+# -- secrets -------------------------------------------------------------------
+
+def read_secrets(model: Any, *keys: str) -> list[str | None]:
+    """Each secret `key` of a config model, given inline or by its `<key>_env`
+    variable (configtypes.resolve_secret); errors name the key at fault."""
+    values = []
+    for key in keys:
+        try:
+            values.append(resolve_secret(getattr(model, key), getattr(model, key + "_env"), key))
+        except ConfigError as exc:
+            where, message = str(exc).split(": ", 1)
+            raise config_errors([((where,), message, NO_VALUE)]) from None
+    return values

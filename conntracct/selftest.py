@@ -30,15 +30,12 @@ import re
 import shutil
 import signal
 import socket
-import struct
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
-from . import netns, sysctl
+from . import sysctl
 from .agent import EnvironmentProblem, probe_settings
 from .check import render
 from .config import Config
@@ -54,18 +51,18 @@ from .flow import (
     UPDATE,
     FlowEvent,
 )
+from .lab import ADDRESSES, icmp
+from .lab import network as lab
 from .probe import ctnetlink
 from .probe.loader import ProbeError
 from .probe.modes import Check, choose_mode
 
 PREFIX = "conntracct-test-"
-ROLES = ("client", "router", "server")
 _NAME_RE = re.compile(r"^conntracct-test-(\d+)-(client|router|server)$")
 
-CLIENT = {4: "192.0.2.2", 6: "2001:db8:1::2"}
-ROUTER_CLIENT_SIDE = {4: "192.0.2.1", 6: "2001:db8:1::1"}
-ROUTER_SERVER_SIDE = {4: "198.51.100.1", 6: "2001:db8:2::1"}   # the masquerade address
-SERVER = {4: "198.51.100.2", 6: "2001:db8:2::2"}
+CLIENT = ADDRESSES["client"]
+ROUTER_SERVER_SIDE = ADDRESSES["router_server"]   # the masquerade address
+SERVER = ADDRESSES["server"]
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 _FAMILY = {socket.AF_INET: 4, socket.AF_INET6: 6}
 TCP, UDP, ICMP, ICMPV6 = 6, 17, 1, 58
@@ -77,18 +74,6 @@ _PROTO_NAME = {TCP: "tcp", UDP: "udp", ICMP: "icmp", ICMPV6: "icmp"}
 TIMEOUTS = {"tcp_timeout_time_wait": 2, "tcp_timeout_close": 2, "tcp_timeout_fin_wait": 2,
             "tcp_timeout_last_ack": 2, "udp_timeout": 2, "udp_timeout_stream": 2,
             "icmp_timeout": 2, "icmpv6_timeout": 2}
-RULESET = """
-table inet conntracct_selftest {
-    chain forward {
-        type filter hook forward priority filter; policy accept;
-        ct state { new, established, related } accept
-    }
-    chain postrouting {
-        type nat hook postrouting priority srcnat; policy accept;
-        oifname "s0" masquerade
-    }
-}
-"""
 BAD_FLAGS = FLAG_NO_ACCT | FLAG_NO_TSTAMP | FLAG_FIRST_SIGHT | FLAG_END_UNSEEN
 IO_TIMEOUT = 5.0
 
@@ -272,100 +257,27 @@ def verdict(checks: list[Check]) -> tuple[str, bool]:
 
 # -- the namespaces ----------------------------------------------------------------
 
-def _ip(*args: str, check: bool = True, stdin: str | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30, input=stdin)
-    if check and proc.returncode:
-        raise EnvironmentProblem(f"`ip {' '.join(args)}` failed: {proc.stderr.strip() or proc.returncode}")
-    return proc
-
-
-def namespaces() -> list[str]:
-    return [line.split()[0] for line in _ip("netns", "list", check=False).stdout.splitlines() if line.strip()]
-
-
 def remove_stale() -> None:
     """Namespaces of a self-test that was killed (its pid is gone)."""
-    for name in namespaces():
-        m = _NAME_RE.match(name)
-        if m and not Path(f"/proc/{m.group(1)}").exists():
-            _ip("netns", "del", name, check=False)
+    lab.remove_stale(_NAME_RE)
 
 
-class Network:
-    """client -- router (conntrack, masquerade) -- server, in private namespaces."""
+class Network(lab.Lab):
+    """client -- router (conntrack, masquerade) -- server: the lab, named
+    conntracct-test-<pid>-<role>, with accounting, timestamps and DESTROY
+    events on in the router alone."""
 
     def __init__(self) -> None:
-        self.names = {role: f"{PREFIX}{os.getpid()}-{role}" for role in ROLES}
-
-    def path(self, role: str) -> str:
-        return f"/run/netns/{self.names[role]}"
-
-    def entered(self, role: str):
-        return netns.entered(self.path(role))
-
-    def inode(self, role: str) -> int:
-        return os.stat(self.path(role)).st_ino
+        super().__init__(f"{PREFIX}{os.getpid()}-")
 
     def build(self) -> None:
-        c, r, s = (self.names[role] for role in ROLES)
-        self.remove()      # same names from an earlier run under this pid (containers reuse pids)
-        for name in (c, r, s):
-            _ip("netns", "add", name)
-        _ip("link", "add", "c0", "netns", r, "type", "veth", "peer", "name", "eth0", "netns", c)
-        _ip("link", "add", "s0", "netns", r, "type", "veth", "peer", "name", "eth0", "netns", s)
-        for ns, dev, v4, v6 in ((c, "eth0", CLIENT[4], CLIENT[6]),
-                                (r, "c0", ROUTER_CLIENT_SIDE[4], ROUTER_CLIENT_SIDE[6]),
-                                (r, "s0", ROUTER_SERVER_SIDE[4], ROUTER_SERVER_SIDE[6]),
-                                (s, "eth0", SERVER[4], SERVER[6])):
-            _ip("-n", ns, "addr", "add", f"{v4}/24", "dev", dev)
-            _ip("-n", ns, "-6", "addr", "add", f"{v6}/64", "dev", dev, "nodad")
-            _ip("-n", ns, "link", "set", dev, "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
-        for ns, via in ((c, ROUTER_CLIENT_SIDE), (s, ROUTER_SERVER_SIDE)):
-            _ip("-n", ns, "route", "add", "default", "via", via[4])
-            _ip("-n", ns, "-6", "route", "add", "default", "via", via[6])
-        # The ruleset makes conntrack track both families in the router.
-        _ip("netns", "exec", r, "nft", "-f", "-", stdin=RULESET)
-        with self.entered("router"):
-            self._router_sysctls()
-        self._wait_links_up()
-
-    @staticmethod
-    def _router_sysctls() -> None:
-        """Written from inside the router: /proc/sys/net is the calling thread's namespace's."""
+        router = {f"net.netfilter.{name}": 1 for name in (*sysctl.MANAGED, "nf_conntrack_events")}
+        router |= {"net.ipv4.ip_forward": 1, "net.ipv6.conf.all.forwarding": 1}
+        router |= {f"net.netfilter.nf_conntrack_{key}": seconds for key, seconds in TIMEOUTS.items()}
         try:
-            sysctl.ensure_conntrack_loaded()
-            for name in (*sysctl.MANAGED, "nf_conntrack_events"):   # acct, timestamps, DESTROY events
-                sysctl.write(name, 1)
-            for key in ("ipv4/ip_forward", "ipv6/conf/all/forwarding"):
-                Path("/proc/sys/net", key).write_text("1\n")
-        except (sysctl.SysctlError, OSError) as e:
-            raise EnvironmentProblem(f"cannot set up conntrack in the test namespace: {e}") from None
-        for key, seconds in TIMEOUTS.items():
-            with contextlib.suppress(sysctl.SysctlError):
-                sysctl.write(f"nf_conntrack_{key}", seconds)
-
-    def _wait_links_up(self, timeout: float = 10.0) -> None:
-        """A new veth turns operstate UP about a second after `link set up`;
-        packets sent before that are dropped."""
-        ends = [(self.names["client"], "eth0"), (self.names["router"], "c0"),
-                (self.names["router"], "s0"), (self.names["server"], "eth0")]
-        deadline = time.monotonic() + timeout
-        while ends:
-            if "state UP" in _ip("-n", ends[0][0], "-o", "link", "show", "dev", ends[0][1]).stdout:
-                ends.pop(0)
-            elif time.monotonic() > deadline:
-                raise EnvironmentProblem(f"{ends[0][1]} in {ends[0][0]} is not up after {timeout:g} s")
-            else:
-                time.sleep(0.02)
-
-    def remove(self) -> list[str]:
-        """Delete the namespaces (also one added by an interrupted build); the names still listed afterwards."""
-        mine = set(self.names.values())
-        for name in namespaces():
-            if name in mine:
-                _ip("netns", "del", name, check=False)
-        return [n for n in namespaces() if n in mine]
+            super().build(sysctls={"router": router})
+        except (lab.CommandError, OSError, RuntimeError) as e:
+            raise EnvironmentProblem(f"cannot set up the test namespaces: {e}") from None
 
 
 # -- known traffic, from sockets opened inside the namespaces ---------------------------
@@ -445,11 +357,10 @@ class Traffic:
         flow = KnownFlow(family, proto, CLIENT[family], SERVER[family], icmp_id=ident,
                          payload=(count * size, count * size), packets=(count, count))
         sock = self._socket("client", family, socket.SOCK_RAW, proto)
-        request, reply = (8, 0) if family == 4 else (128, 129)
         try:
             for seq in range(count):
-                sock.sendto(_icmp_echo(request, ident, seq, size), (SERVER[family], 0))
-                _await_echo_reply(sock, family, reply, ident, seq)
+                sock.sendto(icmp.echo_request(family, ident, seq, bytes(size)), (SERVER[family], 0))
+                _await_echo_reply(sock, family, ident, seq)
         except OSError as e:
             flow.error = f"ICMP echo to {SERVER[family]}: {e}"
         return flow
@@ -467,28 +378,10 @@ def _read_all(sock: socket.socket) -> int:
     return total
 
 
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    while total >> 16:
-        total = (total & 0xFFFF) + (total >> 16)
-    return ~total & 0xFFFF
-
-
-def _icmp_echo(kind: int, ident: int, seq: int, size: int) -> bytes:
-    """An echo request; the kernel fills in ICMPv6 checksums itself."""
-    body = struct.pack("!HH", ident, seq) + bytes(size)
-    return struct.pack("!BBH", kind, 0, _checksum(struct.pack("!BBH", kind, 0, 0) + body)) + body
-
-
-def _await_echo_reply(sock: socket.socket, family: int, kind: int, ident: int, seq: int) -> None:
+def _await_echo_reply(sock: socket.socket, family: int, ident: int, seq: int) -> None:
     deadline = time.monotonic() + IO_TIMEOUT
     while time.monotonic() < deadline:
-        data = sock.recv(65536)
-        if family == 4:
-            data = data[(data[0] & 0x0F) * 4:]     # raw IPv4 sockets include the IP header
-        if len(data) >= 8 and data[0] == kind and struct.unpack("!HH", data[4:8]) == (ident, seq):
+        if icmp.is_echo_reply(family, sock.recv(65536), ident, seq):
             return
     raise TimeoutError(f"no echo reply {seq} within {IO_TIMEOUT:g} s")
 
@@ -657,7 +550,7 @@ def run_selftest(config: Config) -> tuple[str, bool]:
             with _uninterrupted():
                 left = network.remove()
     checks.append(Check("cleanup", not left, f"namespaces left: {', '.join(left)}" if left
-                        else f"namespaces {PREFIX}{os.getpid()}-{{{','.join(ROLES)}}} removed"))
+                        else f"namespaces {PREFIX}{os.getpid()}-{{{','.join(lab.ROLES)}}} removed"))
     summary, passed = verdict(checks)
     head = (f"conntracct self-test: kernel {platform.release()} ({platform.machine()}), {mode_line}\n"
             f"client {CLIENT[4]} {CLIENT[6]} -> router (conntrack, masquerade) -> "

@@ -23,6 +23,9 @@ import socket
 import struct
 import sys
 import time
+from typing import Any
+
+from conntracct.lab import icmp
 
 
 def _family(addr: str) -> int:
@@ -144,33 +147,19 @@ def udp_client(a: argparse.Namespace) -> None:
 
 
 # -------------------------------------------------------------------- ICMP
-def _checksum(data: bytes) -> int:
-    if len(data) % 2:
-        data += b"\0"
-    total = sum(struct.unpack(f"!{len(data) // 2}H", data))
-    total = (total >> 16) + (total & 0xFFFF)
-    total += total >> 16
-    return ~total & 0xFFFF
-
-
 def ping(a: argparse.Namespace) -> None:
     """Echo requests with a fixed identifier (raw socket, needs root)."""
-    v6 = ":" in a.dst
-    if v6:
+    family = 6 if ":" in a.dst else 4
+    if family == 6:
         s = socket.socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_ICMPV6)
-        req_type, rep_type = 128, 129
     else:
         s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
-        req_type, rep_type = 8, 0
     payload = _payload(a.size)
     sent = received = 0
     rtts = []
     for seq in range(1, a.count + 1):
-        header = struct.pack("!BBHHH", req_type, 0, 0, a.ident, seq)
-        csum = 0 if v6 else _checksum(header + payload)  # kernel sums ICMPv6
-        packet = struct.pack("!BBHHH", req_type, 0, csum, a.ident, seq) + payload
         t0 = time.monotonic()
-        s.sendto(packet, (a.dst, 0))
+        s.sendto(icmp.echo_request(family, a.ident, seq, payload), (a.dst, 0))
         sent += 1
         deadline = t0 + a.timeout
         while True:
@@ -182,12 +171,7 @@ def ping(a: argparse.Namespace) -> None:
                 data = s.recv(65536)
             except TimeoutError:
                 break
-            if not v6:
-                data = data[(data[0] & 0x0F) * 4:]
-            if len(data) < 8:
-                continue
-            typ, _code, _sum, ident, rseq = struct.unpack("!BBHHH", data[:8])
-            if typ == rep_type and ident == a.ident and rseq == seq:
+            if icmp.is_echo_reply(family, data, a.ident, seq):
                 received += 1
                 rtts.append(time.monotonic() - t0)
                 break
@@ -404,71 +388,35 @@ def churn_client(a: argparse.Namespace) -> None:
     _emit(total)
 
 
+# command -> (function, required options, optional options with their defaults).
+# Required --bind/--dst are addresses, the rest integers; an option's type is
+# its default's (False: a flag).  churn-client's --timeout is per flow, in ms.
+_COMMANDS: dict[str, tuple[Any, tuple[str, ...], dict[str, Any]]] = {
+    "tcp-server": (tcp_server, ("bind", "port"), {"reply": 0, "timeout": 30.0}),
+    "tcp-client": (tcp_client, ("dst", "port"), {"send": 0, "sport": 0, "timeout": 30.0}),
+    "udp-server": (udp_server, ("bind", "port"), {"count": 1, "reply-size": -1, "timeout": 10.0}),
+    "udp-client": (udp_client, ("dst", "port"), {"count": 1, "size": 64, "sport": 0, "timeout": 2.0}),
+    "ping": (ping, ("dst", "ident"), {"count": 3, "size": 56, "interval": 0.01, "timeout": 2.0}),
+    "churn-server": (churn_server, ("bind", "port"), {"udp": False}),
+    "churn-client": (churn_client, ("dst", "port"),
+                     {"udp": False, "rate": 5000.0, "duration": 10.0, "concurrency": 256, "payload": 16,
+                      "timeout": 3000.0, "sport-lo": 1024, "sport-hi": 65535, "procs": 1}),
+}
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
-
-    sp = sub.add_parser("tcp-server")
-    sp.add_argument("--bind", required=True)
-    sp.add_argument("--port", type=int, required=True)
-    sp.add_argument("--reply", type=int, default=0)
-    sp.add_argument("--timeout", type=float, default=30)
-    sp.set_defaults(fn=tcp_server)
-
-    sp = sub.add_parser("tcp-client")
-    sp.add_argument("--dst", required=True)
-    sp.add_argument("--port", type=int, required=True)
-    sp.add_argument("--send", type=int, default=0)
-    sp.add_argument("--sport", type=int, default=0)
-    sp.add_argument("--timeout", type=float, default=30)
-    sp.set_defaults(fn=tcp_client)
-
-    sp = sub.add_parser("udp-server")
-    sp.add_argument("--bind", required=True)
-    sp.add_argument("--port", type=int, required=True)
-    sp.add_argument("--count", type=int, default=1)
-    sp.add_argument("--reply-size", type=int, default=-1)
-    sp.add_argument("--timeout", type=float, default=10)
-    sp.set_defaults(fn=udp_server)
-
-    sp = sub.add_parser("udp-client")
-    sp.add_argument("--dst", required=True)
-    sp.add_argument("--port", type=int, required=True)
-    sp.add_argument("--count", type=int, default=1)
-    sp.add_argument("--size", type=int, default=64)
-    sp.add_argument("--sport", type=int, default=0)
-    sp.add_argument("--timeout", type=float, default=2)
-    sp.set_defaults(fn=udp_client)
-
-    sp = sub.add_parser("ping")
-    sp.add_argument("--dst", required=True)
-    sp.add_argument("--count", type=int, default=3)
-    sp.add_argument("--ident", type=int, required=True)
-    sp.add_argument("--size", type=int, default=56)
-    sp.add_argument("--interval", type=float, default=0.01)
-    sp.add_argument("--timeout", type=float, default=2)
-    sp.set_defaults(fn=ping)
-
-    sp = sub.add_parser("churn-server")
-    sp.add_argument("--bind", required=True)
-    sp.add_argument("--port", type=int, required=True)
-    sp.add_argument("--udp", action="store_true")
-    sp.set_defaults(fn=churn_server)
-
-    sp = sub.add_parser("churn-client")
-    sp.add_argument("--dst", required=True)
-    sp.add_argument("--port", type=int, required=True)
-    sp.add_argument("--udp", action="store_true")
-    sp.add_argument("--rate", type=float, default=5000)
-    sp.add_argument("--duration", type=float, default=10)
-    sp.add_argument("--concurrency", type=int, default=256)
-    sp.add_argument("--payload", type=int, default=16)
-    sp.add_argument("--timeout", type=float, default=3000, help="per flow, ms")
-    sp.add_argument("--sport-lo", type=int, default=1024)
-    sp.add_argument("--sport-hi", type=int, default=65535)
-    sp.add_argument("--procs", type=int, default=1)
-    sp.set_defaults(fn=churn_client)
-
+    for name, (fn, required, optional) in _COMMANDS.items():
+        sp = sub.add_parser(name)
+        for opt in required:
+            sp.add_argument(f"--{opt}", required=True, type=str if opt in ("bind", "dst") else int)
+        for opt, default in optional.items():
+            if default is False:
+                sp.add_argument(f"--{opt}", action="store_true")
+            else:
+                sp.add_argument(f"--{opt}", type=type(default), default=default)
+        sp.set_defaults(fn=fn)
     a = p.parse_args(argv)
     a.fn(a)
 

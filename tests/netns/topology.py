@@ -1,18 +1,13 @@
-"""Three network namespaces, client -- router (NAT) -- server, for real traffic.
+"""The tests' handle on the namespace lab (conntracct.lab): client -- router
+(NAT) -- server, plus what only tests need: processes started in the
+namespaces, conntrack-tools listings and events, traffic generators.
 
-    client                      router                         server
-    eth0 192.0.2.2/24     c0 192.0.2.1/24     s0 198.51.100.1/24     eth0 198.51.100.2/24
-         2001:db8:1::2/64    2001:db8:1::1/64    2001:db8:2::1/64         2001:db8:2::2/64
-
-The router forwards IPv4 and IPv6, masquerades both families out of ``s0``
-(one ``inet`` nat table), and has an ``inet`` filter chain with ``ct state``
-rules so conntrack tracks both families.  Only the router tracks
-connections; client and server have no rules.
-
+The address plan, the ruleset, link waiting and namespace removal are the
+package's (conntracct/lab/network.py), shared with `conntracct test`.
 Namespace names are ``cta-<pid>-<n>-<role>``.  Namespaces left behind by a
-dead process (``cta-<pid>-...`` whose pid no longer exists) are removed when a
-new Topology starts.  Nothing outside the three namespaces is touched: every
-sysctl is written from inside its namespace.
+dead process (``cta-<pid>-...`` whose pid no longer exists) are removed when
+a new Topology starts.  Nothing outside the three namespaces is touched:
+every sysctl is written from inside its namespace.
 """
 
 from __future__ import annotations
@@ -20,17 +15,18 @@ from __future__ import annotations
 import itertools
 import os
 import re
-import shlex
-import signal
 import subprocess
 import time
 from collections.abc import Mapping
 from typing import Any
 
+from conntracct.lab import network as lab
+from conntracct.lab.network import CommandError, list_namespaces
+
 from . import conntrack as ct
 
 PREFIX = "cta-"
-ROLES = ("client", "router", "server")
+ROLES = lab.ROLES
 _NAME_RE = re.compile(r"^cta-(\d+)-(\d+)-(client|router|server)$")
 _SEQ = itertools.count(1)
 
@@ -50,55 +46,13 @@ DEFAULT_TIMEOUTS: dict[str, int] = {
     "icmpv6_timeout": 2,
 }
 
-
-class CommandError(subprocess.CalledProcessError):
-    def __str__(self) -> str:
-        return (f"{shlex.join(map(str, self.cmd))} exited {self.returncode}: "
-                f"{(self.stderr or '').strip()} {(self.output or '').strip()}").strip()
-
-
-def _ip(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=30)
-    if check and proc.returncode != 0:
-        raise CommandError(proc.returncode, ["ip", *args], proc.stdout, proc.stderr)
-    return proc
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def list_namespaces() -> list[str]:
-    out = _ip("netns", "list", check=False).stdout
-    return [line.split()[0] for line in out.splitlines() if line.strip()]
+__all__ = ["DEFAULT_TIMEOUTS", "PREFIX", "CommandError", "Topology", "cleanup_stale", "list_namespaces"]
 
 
 def cleanup_stale() -> list[str]:
-    """Remove ``cta-<pid>-...`` namespaces whose creating process is gone.
-
-    Processes still running inside them (left by that dead harness) are
-    killed by pid first so the namespaces really go away.
-    """
-    removed = []
-    for name in list_namespaces():
-        m = _NAME_RE.match(name)
-        if not m or _pid_alive(int(m.group(1))):
-            continue
-        pids = _ip("netns", "pids", name, check=False).stdout.split()
-        for pid in pids:
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
-        _ip("netns", "del", name, check=False)
-        removed.append(name)
-    return removed
+    """Remove ``cta-<pid>-...`` namespaces whose creating process is gone
+    (processes still running inside them are killed first)."""
+    return lab.remove_stale(_NAME_RE)
 
 
 class Topology:
@@ -123,16 +77,6 @@ class Topology:
         sysctls: extra ``{role: {key: value}}`` written inside the namespaces.
     """
 
-    CLIENT_V4, CLIENT_V6 = "192.0.2.2", "2001:db8:1::2"
-    ROUTER_CLIENT_V4, ROUTER_CLIENT_V6 = "192.0.2.1", "2001:db8:1::1"
-    ROUTER_SERVER_V4, ROUTER_SERVER_V6 = "198.51.100.1", "2001:db8:2::1"
-    SERVER_V4, SERVER_V6 = "198.51.100.2", "2001:db8:2::2"
-
-    client_if = "eth0"
-    router_client_if = "c0"
-    router_server_if = "s0"
-    server_if = "eth0"
-
     def __init__(self, *, acct: bool = False, timestamp: bool = False,
                  timeouts: Mapping[str, int | None] | None = None, nat: bool = True,
                  drop_invalid: bool = True, conntrack_events: int | None = 1,
@@ -148,17 +92,16 @@ class Topology:
         self.ct_max = conntrack_max
         self.extra_sysctls = {k: dict(v) for k, v in (sysctls or {}).items()}
         self.prefix = f"{PREFIX}{os.getpid()}-{next(_SEQ)}-"
-        self.names = {role: self.prefix + role for role in ROLES}
+        self.lab = lab.Lab(self.prefix)
+        self.names = self.lab.names
         self._procs: list[subprocess.Popen[Any]] = []
         self._ports = itertools.count(20000)
-        self._created: list[str] = []
         self.started = False
 
-        # Addresses, by role and family.
-        self.client_v4, self.client_v6 = self.CLIENT_V4, self.CLIENT_V6
-        self.router_client_v4, self.router_client_v6 = self.ROUTER_CLIENT_V4, self.ROUTER_CLIENT_V6
-        self.router_server_v4, self.router_server_v6 = self.ROUTER_SERVER_V4, self.ROUTER_SERVER_V6
-        self.server_v4, self.server_v6 = self.SERVER_V4, self.SERVER_V6
+        # Addresses, by place and family: client_v4, router_server_v6... (the lab's plan).
+        for place, by_family in lab.ADDRESSES.items():
+            for family, address in by_family.items():
+                setattr(self, f"{place}_v{family}", address)
         # What the server sees as the client's address (masquerade).
         self.nat_v4 = self.router_server_v4 if nat else self.client_v4
         self.nat_v6 = self.router_server_v6 if nat else self.client_v6
@@ -182,11 +125,11 @@ class Topology:
 
     def ns_path(self, ns: str) -> str:
         """``/run/netns/<name>``, for setns(2) / nsenter / BPF link creation."""
-        return f"/run/netns/{self.name(ns)}"
+        return self.lab.path(ns)
 
     def netns_inode(self, ns: str) -> int:
         """The namespace's inode number (what flow records carry as netns)."""
-        return os.stat(self.ns_path(ns)).st_ino
+        return self.lab.inode(ns)
 
     def addr(self, role: str, family: int = 4) -> str:
         """Address of ``client``/``server``/``router_client``/``router_server``/``nat``."""
@@ -214,119 +157,38 @@ class Topology:
         return self
 
     def _build(self) -> None:
-        c, r, s = self.client, self.router, self.server
-        for name in (c, r, s):
-            _ip("netns", "add", name)
-            self._created.append(name)
-        # Both ends are created directly inside their namespaces.
-        _ip("link", "add", self.router_client_if, "netns", r, "type", "veth",
-            "peer", "name", self.client_if, "netns", c)
-        _ip("link", "add", self.router_server_if, "netns", r, "type", "veth",
-            "peer", "name", self.server_if, "netns", s)
-        addrs = [
-            (c, self.client_if, f"{self.client_v4}/24", f"{self.client_v6}/64"),
-            (r, self.router_client_if, f"{self.router_client_v4}/24", f"{self.router_client_v6}/64"),
-            (r, self.router_server_if, f"{self.router_server_v4}/24", f"{self.router_server_v6}/64"),
-            (s, self.server_if, f"{self.server_v4}/24", f"{self.server_v6}/64"),
-        ]
-        for ns, dev, a4, a6 in addrs:
-            _ip("-n", ns, "addr", "add", a4, "dev", dev)
-            _ip("-n", ns, "-6", "addr", "add", a6, "dev", dev, "nodad")
-        for ns, dev in ((c, "lo"), (r, "lo"), (s, "lo"), (c, self.client_if),
-                        (r, self.router_client_if), (r, self.router_server_if), (s, self.server_if)):
-            _ip("-n", ns, "link", "set", dev, "up")
-        _ip("-n", c, "route", "add", "default", "via", self.router_client_v4)
-        _ip("-n", c, "-6", "route", "add", "default", "via", self.router_client_v6)
-        _ip("-n", s, "route", "add", "default", "via", self.router_server_v4)
-        _ip("-n", s, "-6", "route", "add", "default", "via", self.router_server_v6)
-
-        router_sysctls: dict[str, Any] = {
+        router: dict[str, Any] = {
             "net.ipv4.ip_forward": 1,
             "net.ipv6.conf.all.forwarding": 1,
+            "net.netfilter.nf_conntrack_acct": int(self.acct),
+            "net.netfilter.nf_conntrack_timestamp": int(self.timestamp),
         }
-        # nft first: conntrack's per-namespace state is live from here on.
-        self.run("router", "nft", "-f", "-", input=self._ruleset())
-        router_sysctls["net.netfilter.nf_conntrack_acct"] = int(self.acct)
-        router_sysctls["net.netfilter.nf_conntrack_timestamp"] = int(self.timestamp)
         if self.events_mode is not None:
-            router_sysctls["net.netfilter.nf_conntrack_events"] = self.events_mode
+            router["net.netfilter.nf_conntrack_events"] = self.events_mode
         if self.ct_max is not None:
-            router_sysctls["net.netfilter.nf_conntrack_max"] = self.ct_max
+            router["net.netfilter.nf_conntrack_max"] = self.ct_max
         for key, value in self.timeouts.items():
             if value is None:
                 continue
             if not key.startswith("net."):
                 key = f"net.netfilter.nf_conntrack_{key}"
-            router_sysctls[key] = value
-        client_sysctls: dict[str, Any] = {
+            router[key] = value
+        sysctls: dict[str, dict[str, Any]] = {
+            "router": router,
             # Room for churn: 64k client ports, reuse of TIME_WAIT ports.
-            "net.ipv4.ip_local_port_range": "1024 65535",
-            "net.ipv4.tcp_tw_reuse": 1,
+            "client": {"net.ipv4.ip_local_port_range": "1024 65535", "net.ipv4.tcp_tw_reuse": 1},
+            "server": {"net.core.somaxconn": 65535, "net.ipv4.tcp_max_syn_backlog": 65535},
         }
-        server_sysctls: dict[str, Any] = {"net.core.somaxconn": 65535,
-                                          "net.ipv4.tcp_max_syn_backlog": 65535}
         for role, extra in self.extra_sysctls.items():
-            {"client": client_sysctls, "router": router_sysctls,
-             "server": server_sysctls}[role].update(extra)
-        self.set_sysctls("router", router_sysctls)
-        self.set_sysctls("client", client_sysctls)
-        self.set_sysctls("server", server_sysctls)
-        self._wait_links_up()
-
-    def _wait_links_up(self, timeout: float = 10.0) -> None:
-        """Wait for operstate UP on all four veth ends.
-
-        The kernel's linkwatch turns a new veth's operstate (and its qdisc)
-        on asynchronously, about a second after ``link set up``; packets
-        sent before that are dropped, which loses the first NDP/ARP
-        solicitations and stalls the first flows for a retransmit interval.
-        """
-        ends = [("client", self.client_if), ("router", self.router_client_if),
-                ("router", self.router_server_if), ("server", self.server_if)]
-        deadline = time.monotonic() + timeout
-        while ends:
-            ns, dev = ends[0]
-            out = _ip("-n", self.name(ns), "-o", "link", "show", "dev", dev).stdout
-            if "state UP" in out:
-                ends.pop(0)
-                continue
-            if time.monotonic() >= deadline:
-                raise RuntimeError(f"{dev} in {self.name(ns)} not up after {timeout}s: {out}")
-            time.sleep(0.02)
-
-    def _ruleset(self) -> str:
-        invalid = 'ct state invalid counter name "invalid" drop' if self.drop_invalid else \
-            'ct state invalid counter name "invalid" accept'
-        nat = f'oifname "{self.router_server_if}" masquerade' if self.nat else ""
-        return f"""
-table inet conntracct_test {{
-    counter invalid {{ }}
-    chain forward {{
-        type filter hook forward priority filter; policy accept;
-        {invalid}
-        ct state {{ new, established, related }} counter accept
-    }}
-    chain postrouting {{
-        type nat hook postrouting priority srcnat; policy accept;
-        {nat}
-    }}
-}}
-"""
+            sysctls[role].update(extra)
+        self.lab.build(nat=self.nat, drop_invalid=self.drop_invalid, sysctls=sysctls)
 
     def close(self) -> None:
         """Stop every process started here, delete the namespaces. Idempotent."""
         for proc in list(self._procs):
             self._stop_proc(proc)
         self._procs.clear()
-        for name in list(self._created):
-            for pid in _ip("netns", "pids", name, check=False).stdout.split():
-                # Only processes this Topology started can live in its namespaces.
-                try:
-                    os.kill(int(pid), signal.SIGKILL)
-                except (ProcessLookupError, ValueError):
-                    pass
-            _ip("netns", "del", name, check=False)
-            self._created.remove(name)
+        self.lab.remove()     # also kills what is left inside: only this Topology's processes
         self.started = False
 
     @staticmethod
@@ -369,13 +231,8 @@ table inet conntracct_test {{
         return proc
 
     def set_sysctls(self, ns: str, values: Mapping[str, Any]) -> None:
-        """Write sysctls from inside ``ns`` (never in the caller's namespace)."""
-        if not values:
-            return
-        script = "\n".join(
-            f"printf '%s\\n' {shlex.quote(str(v))} > /proc/sys/{k.replace('.', '/')}"
-            for k, v in values.items())
-        self.run(ns, "sh", "-ec", script)
+        """Write ``net.*`` sysctls from inside ``ns`` (never in the caller's namespace)."""
+        self.lab.set_sysctls(ns, values)
 
     def sysctl(self, ns: str, key: str) -> str:
         return self.run(ns, "cat", f"/proc/sys/{key.replace('.', '/')}").stdout.strip()
@@ -416,7 +273,7 @@ table inet conntracct_test {{
 
     def invalid_packets(self) -> int:
         """Packets the router's ``ct state invalid`` rule has counted."""
-        out = self.run("router", "nft", "list", "counter", "inet", "conntracct_test", "invalid").stdout
+        out = self.run("router", "nft", "list", "counter", "inet", lab.TABLE, "invalid").stdout
         m = re.search(r"packets (\d+)", out)
         return int(m.group(1)) if m else 0
 

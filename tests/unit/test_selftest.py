@@ -5,6 +5,7 @@ import socket
 
 from conntracct import selftest
 from conntracct.flow import DESTROY, FLAG_FIRST_SIGHT, NEW, UPDATE, FlowEvent, FlowTuple
+from conntracct.lab import icmp
 from conntracct.probe.ctnetlink import CtEntry, CtTuple
 from conntracct.probe.modes import Check
 
@@ -197,9 +198,9 @@ def test_verdict_counts_failures():
 
 
 def test_icmp_echo_checksum_is_valid():
-    packet = selftest._icmp_echo(8, 0x1234, 2, 56)
+    packet = icmp.echo_request(4, 0x1234, 2, bytes(56))
     assert len(packet) == 64 and packet[:2] == b"\x08\x00"
-    assert selftest._checksum(packet) == 0
+    assert icmp.checksum(packet) == 0
 
 
 class FakeNetwork:

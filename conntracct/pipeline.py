@@ -21,14 +21,14 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from itertools import chain, islice
 from operator import attrgetter, itemgetter
 
 from .flow import DESTROY, KINDS, FlowEvent
 from .selfmetrics import PERMANENT_ERROR, QUEUE_FULL, RETRIES_EXHAUSTED, SHUTDOWN, SinkStats, Stats
 from .sinks import Sink, SinkConfig, create_sink
-from .sinks.base import PermanentSinkError, TransientSinkError
+from .sinks.base import ACCEPTED, TransientSinkError, WriteResult
 
 log = logging.getLogger(__name__)
 
@@ -47,21 +47,18 @@ class ErrorLog:
         self._held: dict[str, int] = {}
 
     def error(self, what: str, exc: BaseException) -> None:
-        kind = f"{what}:{type(exc).__name__}"
+        self.report(what, type(exc).__name__, str(exc))
+
+    def report(self, what: str, kind: str, text: str) -> None:
+        key = f"{what}:{kind}"
         now = self._clock()
-        if now < self._next.get(kind, 0.0):
-            self._held[kind] = self._held.get(kind, 0) + 1
+        if now < self._next.get(key, 0.0):
+            self._held[key] = self._held.get(key, 0) + 1
             return
-        held = self._held.pop(kind, 0)
+        held = self._held.pop(key, 0)
         more = f" ({held} more since the last report)" if held else ""
-        log.warning("sink %s: %s: %s: %s%s", self._sink_name, what, type(exc).__name__, exc, more)
-        self._next[kind] = now + self._interval
-
-
-def _narrowed(exc: Exception, pending: list[FlowEvent]) -> list[FlowEvent]:
-    """The part of the batch an error is about (all of it unless the sink said)."""
-    events = getattr(exc, "events", None)
-    return pending if events is None else events
+        log.warning("sink %s: %s: %s: %s%s", self._sink_name, what, kind, text, more)
+        self._next[key] = now + self._interval
 
 
 class SinkWorker:
@@ -85,6 +82,7 @@ class SinkWorker:
         self._seq = 0                 # records offered so far (also their order)
         self._oldest = 0.0            # when the oldest queued record arrived (clock)
         self._inflight: list[FlowEvent] = []
+        self._lost = False            # records of the batch being written were dropped
         self._accepting = True
         self._draining = False
         self._deadline = float("inf")
@@ -235,32 +233,43 @@ class SinkWorker:
         return batch
 
     def _deliver(self, batch: list[FlowEvent]) -> None:
-        """Write one batch, retrying transient errors with exponential back-off."""
+        """Write one batch; retry what the sink says may succeed later, with
+        exponential back-off; drop and count what it rejected."""
         pending, attempt, delay = batch, 1, self._retry.backoff
+        self._lost = False
         while True:
-            try:
-                self.sink.write(pending)
-            except TransientSinkError as exc:
-                failed = _narrowed(exc, pending)
-                if attempt >= self._retry.max_attempts:
-                    self._errors.error(f"gave up after {attempt} attempts", exc)
-                    self._settle(pending, failed, RETRIES_EXHAUSTED)
-                    return
-                self._errors.error("will retry", exc)
-                self._retrying(pending, failed)
-                if not self._pause(delay):
-                    self._settle(failed, failed, SHUTDOWN)
-                    return
-                pending, attempt = failed, attempt + 1
-                delay = min(delay * 2, self._retry.max_backoff)
-            except Exception as exc:   # PermanentSinkError, or a sink bug: retrying cannot help
-                failed = _narrowed(exc, pending) if isinstance(exc, PermanentSinkError) else pending
-                self._errors.error("dropped", exc)
-                self._settle(pending, failed, PERMANENT_ERROR)
+            result, kind, text = self._write(pending)
+            retry, rejected = result.retry, result.rejected
+            written = len(pending) - len(retry) - len(rejected)
+            if not retry:
+                if rejected:
+                    self._errors.report("dropped", kind, text)
+                self._account(written, [(PERMANENT_ERROR, rejected)], done=True)
                 return
-            else:
-                self._settle(pending, [], None)
+            if attempt >= self._retry.max_attempts:
+                self._errors.report(f"gave up after {attempt} attempts", kind, text)
+                self._account(written, [(PERMANENT_ERROR, rejected), (RETRIES_EXHAUSTED, retry)], done=True)
                 return
+            self._errors.report("will retry", kind, text)
+            self._account(written, [(PERMANENT_ERROR, rejected)], retrying=retry)
+            if not self._pause(delay):
+                self._account(0, [(SHUTDOWN, retry)], done=True)
+                return
+            pending, attempt = list(retry), attempt + 1
+            delay = min(delay * 2, self._retry.max_backoff)
+
+    def _write(self, pending: list[FlowEvent]) -> tuple[WriteResult, str, str]:
+        """The sink's result for one attempt, and the (kind, text) to log for
+        what was not written.  An exception fails the whole attempt."""
+        try:
+            result = self.sink.write(pending)
+        except TransientSinkError as exc:
+            return WriteResult(retry=pending), type(exc).__name__, str(exc)
+        except Exception as exc:   # PermanentSinkError, or a sink bug: retrying cannot help
+            return WriteResult(rejected=pending), type(exc).__name__, str(exc)
+        if result is None:
+            return ACCEPTED, "", ""
+        return result, "partial write", result.reason
 
     def _pause(self, delay: float) -> bool:
         """Back off `delay` seconds; False if the drain deadline comes first."""
@@ -273,24 +282,25 @@ class SinkWorker:
             time.sleep(max(end - self._clock(), 0.0))
         return True
 
-    def _retrying(self, pending: list[FlowEvent], failed: list[FlowEvent]) -> None:
-        with self._lock:
-            if self._abandoned:
-                return
-            self._stats.add_emitted(len(pending) - len(failed))
-            self._stats.add_retry()
-            self._inflight = failed
-
-    def _settle(self, pending: list[FlowEvent], failed: list[FlowEvent], reason: str | None) -> None:
-        """Final accounting of a batch: written, or `failed` lost for `reason`."""
+    def _account(self, written: int, dropped: list[tuple[str, Sequence[FlowEvent]]],
+                 retrying: Sequence[FlowEvent] = (), done: bool = False) -> None:
+        """Count one attempt: `written` records emitted, `dropped` lost for
+        their reasons; then either the batch is `done` or `retrying` is what
+        is left in flight."""
         with self._lock:
             if self._abandoned:     # already counted as dropped at shutdown
                 return
-            self._stats.add_emitted(len(pending) - len(failed))
-            if failed and reason is not None:
-                self._stats.add_dropped_events(reason, failed)
-            self._stats.add_batch(ok=not failed)
-            self._inflight = []
+            self._stats.add_emitted(written)
+            for reason, events in dropped:
+                if events:
+                    self._stats.add_dropped_events(reason, events)
+                    self._lost = True
+            if done:
+                self._stats.add_batch(ok=not self._lost)
+                self._inflight = []
+            else:
+                self._stats.add_retry()
+                self._inflight = list(retrying)
 
 
 class Pipeline:

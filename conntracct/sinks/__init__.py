@@ -7,7 +7,7 @@ nothing at start-up.
 
 from __future__ import annotations
 
-from .base import PermanentSinkError, Sink, SinkConfig, TransientSinkError
+from .base import ACCEPTED, PermanentSinkError, Sink, SinkConfig, TransientSinkError, WriteResult
 from .elasticsearch import ElasticsearchSink
 from .influxdb import InfluxDBSink
 from .prometheus import PrometheusSink
@@ -27,5 +27,5 @@ def create_sink(config: SinkConfig) -> Sink:
     return SINKS[config.type](config)
 
 
-__all__ = ["SINKS", "PermanentSinkError", "Sink", "SinkConfig", "TransientSinkError",
-           "create_sink"]
+__all__ = ["ACCEPTED", "SINKS", "PermanentSinkError", "Sink", "SinkConfig", "TransientSinkError",
+           "WriteResult", "create_sink"]

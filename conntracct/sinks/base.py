@@ -2,8 +2,18 @@
 
 Queueing, batching, retries and drop counting are not a sink's business: the
 pipeline (conntracct.pipeline) does them once for all sinks.  A sink only
-writes one batch and says, by the exception it raises, whether trying again
-could help.
+writes one batch and says what became of it:
+
+- returns None (or ACCEPTED): every record written;
+- returns a WriteResult: written in part -- `retry` records may succeed
+  later, `rejected` ones never will, the rest were written (Telegraf's
+  PartialWriteError); the pipeline retries the first with back-off and
+  drops and counts the second;
+- raises TransientSinkError / PermanentSinkError: nothing written (the
+  request failed as a whole), and whether trying again could help.
+
+A sink keeps no failure state from one write() to the next: a retry is a
+new write() of the records the pipeline passes back.
 """
 
 from __future__ import annotations
@@ -11,6 +21,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, Field, model_validator
@@ -72,26 +83,30 @@ class SinkConfig(StrictModel):
         return self
 
 
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """What became of a batch written in part.  Records in neither list were
+    written.  `reason` says why the others were not (for the log)."""
+
+    retry: Sequence[FlowEvent] = ()      # not written; trying again may succeed (throttled)
+    rejected: Sequence[FlowEvent] = ()   # refused for good (e.g. a mapping error)
+    reason: str = ""
+
+
+ACCEPTED = WriteResult()   # every record written
+
+
 class SinkError(Exception):
-    """Base of the errors a sink raises from write().
-
-    `events`, when given, narrows the error to part of the batch; the rest of
-    the batch counts as written (e.g. a bulk request where some documents
-    failed)."""
-
-    def __init__(self, message: str, events: Sequence[FlowEvent] | None = None):
-        super().__init__(message)
-        self.events = list(events) if events is not None else None
+    """Base of the errors a sink raises from write() or at start: the whole
+    batch failed (a failure of part of it is a WriteResult)."""
 
 
 class TransientSinkError(SinkError):
-    """Trying again later may succeed (timeout, connection refused, 429, 5xx).
-    With `events`, only those are retried."""
+    """Trying again later may succeed (timeout, connection refused, 429, 5xx)."""
 
 
 class PermanentSinkError(SinkError):
-    """Trying again cannot help (rejected record, bad credentials, 4xx).
-    With `events`, only those are lost."""
+    """Trying again cannot help (bad credentials, 4xx, a closed stream)."""
 
 
 class Sink(ABC):
@@ -108,9 +123,11 @@ class Sink(ABC):
         return self.config.name or self.config.type
 
     @abstractmethod
-    def write(self, batch: list[FlowEvent]) -> None:
-        """Deliver the batch or raise TransientSinkError / PermanentSinkError.
-        Must not modify the events: other sinks share them."""
+    def write(self, batch: list[FlowEvent]) -> WriteResult | None:
+        """Deliver the batch: None (or ACCEPTED) when all of it was written,
+        a WriteResult when part of it was not, TransientSinkError /
+        PermanentSinkError when none of it was.  Must not modify the events:
+        other sinks share them."""
 
     def observe(self, snapshot: Callable[[], dict]) -> None:  # noqa: B027 - optional hook
         """Called once at start with the agent's counters (Agent.snapshot);

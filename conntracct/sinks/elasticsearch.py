@@ -16,15 +16,12 @@ fail with connection errors, timeouts, 429 or 5xx are transient; 401/403, 404,
 other 4xx and a server that is not Elasticsearch are permanent.  Per document:
 429/5xx items are transient, other 4xx items (mapping errors) are permanent.
 
-A batch with both kinds of failed documents: the pipeline takes one exception
-per write(), so the sink reports the transient part first and keeps the
-rejected documents with it (TransientSinkError.events = throttled + rejected,
-in batch order).  On the retry those rejected documents are not sent again;
-once nothing transient is left they are reported as PermanentSinkError, so the
-pipeline counts them dropped as permanent_error and everything else as emitted.
-(If retries run out first they count as retries_exhausted: dropped either way,
-never counted as written.)  Every rejection is also counted at once in the
-sink's own counters (ElasticsearchSink.counters()).
+A bulk request whose documents failed in part returns a WriteResult
+(sinks/base.py): `retry` the throttled ones, `rejected` the refused ones; the
+pipeline retries the first and counts the second dropped (permanent_error)
+at once.  The sink keeps nothing from one write() to the next.  Every
+rejection is also counted in the sink's own counters
+(ElasticsearchSink.counters()).
 """
 
 from __future__ import annotations
@@ -43,7 +40,7 @@ from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
 from ..configtypes import PositiveDuration, config_errors
 from ..flow import DESTROY, FLAG_NO_ACCT, KINDS, NEW, UPDATE, FlowEvent
-from .base import PermanentSinkError, Sink, SinkConfig, TransientSinkError
+from .base import PermanentSinkError, Sink, SinkConfig, TransientSinkError, WriteResult
 from .common import PORT_PROTOS, TLSConfig, http_url, read_secrets
 from .records import flag_names, flow_id_text, rfc3339
 
@@ -354,9 +351,6 @@ class ElasticsearchSink(Sink):
         self._templates = index_templates(config.index, config.index_mode, config.index_live_flows)
         self._templates_installed = not config.install_template
         self._client = elasticsearch.Elasticsearch(**self._client_options(config))
-        # Rejected documents held back until the transient part of their batch
-        # is settled (see the module docstring): id(event) -> (event, reason).
-        self._rejected: dict[int, tuple[FlowEvent, str]] = {}
         self._lock = threading.Lock()
         self._counters = dict.fromkeys((
             "bulk_requests", "bulk_failures", "documents_written", "documents_throttled",
@@ -469,25 +463,16 @@ class ElasticsearchSink(Sink):
 
     # -- writing -------------------------------------------------------------
 
-    def write(self, batch: list[FlowEvent]) -> None:
-        held, self._rejected = self._rejected, {}
-        carried = [e for e in batch if id(e) in held]     # rejected on an earlier attempt
-        try:
-            self._install_templates()
-            owners: list[int] = []       # action -> its event's position in batch
-            actions: list[tuple[dict[str, Any], bytes]] = []
-            for i, event in enumerate(batch):
-                if id(event) in held:
-                    continue
-                for action in self._body.actions(event):
-                    actions.append(action)
-                    owners.append(i)
-            results = self._bulk(actions) if actions else []
-        except (TransientSinkError, PermanentSinkError) as exc:
-            if isinstance(exc, TransientSinkError):
-                self._rejected = {id(e): held[id(e)] for e in carried}   # still rejected on the retry
-            raise
-        self._settle(batch, owners, actions, results, {id(e): held[id(e)][1] for e in carried})
+    def write(self, batch: list[FlowEvent]) -> WriteResult | None:
+        self._install_templates()
+        owners: list[int] = []       # action -> its event's position in batch
+        actions: list[tuple[dict[str, Any], bytes]] = []
+        for i, event in enumerate(batch):
+            for action in self._body.actions(event):
+                actions.append(action)
+                owners.append(i)
+        results = self._bulk(actions) if actions else []
+        return self._result(batch, owners, actions, results)
 
     def _bulk(self, actions: list[tuple[dict[str, Any], bytes]]) -> list[tuple[int, str]]:
         """Send the actions; (verdict, reason) per action, in order.  Actions
@@ -511,8 +496,10 @@ class ElasticsearchSink(Sink):
             results += [(verdict, str(error))] * (len(actions) - len(results))
         return results
 
-    def _settle(self, batch: list[FlowEvent], owners: list[int], actions: list[tuple[dict, bytes]],
-                results: list[tuple[int, str]], carried: dict[int, str]) -> None:
+    def _result(self, batch: list[FlowEvent], owners: list[int], actions: list[tuple[dict, bytes]],
+                results: list[tuple[int, str]]) -> WriteResult | None:
+        """The batch's WriteResult from the verdicts of its actions (an event
+        fails with its worst action); None when every document was written."""
         verdicts = [OK] * len(batch)
         reasons: dict[int, str] = {}
         live_ok_later: set[int] = set()    # flow ids whose live document a later record wrote
@@ -529,22 +516,19 @@ class ElasticsearchSink(Sink):
                 verdicts[i], reasons[i] = verdict, reason
         throttled = [i for i, v in enumerate(verdicts) if v == TRANSIENT]
         rejected = [i for i, v in enumerate(verdicts) if v == PERMANENT]
-        self._count(documents_written=sum(1 for v in verdicts if v == OK) - len(carried),
+        self._count(documents_written=len(batch) - len(throttled) - len(rejected),
                     documents_throttled=len(throttled), documents_rejected=len(rejected))
-        for i in rejected:
-            carried[id(batch[i])] = reasons[i]
+        if not throttled and not rejected:
+            return None
+        parts = []
         if throttled:
-            self._rejected = {key: (e, carried[key]) for e in batch if (key := id(e)) in carried}
-            also = f"; {len(carried)} rejected, reported once the rest is written" if carried else ""
-            raise TransientSinkError(
-                f"{self._what()}: {len(throttled)} of {len(batch)} documents not written, will retry: "
-                f"{reasons[throttled[0]]}{also}",
-                events=[e for e, v in zip(batch, verdicts, strict=True) if v == TRANSIENT or id(e) in carried])
-        if carried:
-            first = next(iter(carried.values()))
-            raise PermanentSinkError(
-                f"{self._what()}: {len(carried)} of {len(batch)} documents rejected by Elasticsearch: {first}",
-                events=[e for e in batch if id(e) in carried])
+            parts.append(f"{len(throttled)} of {len(batch)} documents not written, will retry: "
+                         f"{reasons[throttled[0]]}")
+        if rejected:
+            parts.append(f"{len(rejected)} of {len(batch)} documents rejected by Elasticsearch: "
+                         f"{reasons[rejected[0]]}")
+        return WriteResult(retry=[batch[i] for i in throttled], rejected=[batch[i] for i in rejected],
+                           reason=f"{self._what()}: " + "; ".join(parts))
 
     def close(self) -> None:
         self._client.close()

@@ -170,20 +170,30 @@ def test_rejected_items_are_dropped_and_counted_throttled_items_retried(es):
     assert [json.loads(line)["index"]["_id"] for line in bulks[1].body.splitlines()[::2]] == [hex_id(4)]
 
 
-def test_rejected_items_alone_are_a_permanent_error_naming_the_sink(es):
+def test_rejected_items_alone_are_a_partial_result_naming_the_sink(es):
     es.reject(hex_id(2))
-    with pytest.raises(PermanentSinkError) as info:
-        make_sink(es.url).write([ended(1), ended(2)])
-    assert [e.flow_id for e in info.value.events] == [2]
-    assert "'archive'" in str(info.value) and "document_parsing_exception" in str(info.value)
+    result = make_sink(es.url).write([ended(1), ended(2)])
+    assert [e.flow_id for e in result.rejected] == [2] and not result.retry
+    assert "'archive'" in result.reason and "document_parsing_exception" in result.reason
 
 
 def test_throttled_items_narrow_the_retry(es):
     es.throttle(hex_id(2))
-    with pytest.raises(TransientSinkError) as info:
-        make_sink(es.url).write([ended(1), ended(2), ended(3)])
-    assert [e.flow_id for e in info.value.events] == [2]
-    assert "429 es_rejected_execution_exception" in str(info.value)
+    result = make_sink(es.url).write([ended(1), ended(2), ended(3)])
+    assert [e.flow_id for e in result.retry] == [2] and not result.rejected
+    assert "429 es_rejected_execution_exception" in result.reason
+
+
+def test_the_sink_keeps_no_failure_state_between_writes(es):
+    """Throttled and rejected documents of one write are reported together;
+    the next write sends exactly what it is given."""
+    es.reject(hex_id(2))
+    es.throttle(hex_id(3))
+    sink = make_sink(es.url)
+    result = sink.write([ended(1), ended(2), ended(3)])
+    assert ([e.flow_id for e in result.retry], [e.flow_id for e in result.rejected]) == ([3], [2])
+    assert sink.write([ended(3)]) is None
+    assert set(es.docs()) == {hex_id(1), hex_id(3)}
 
 
 @pytest.mark.parametrize("status", [429, 503])

@@ -13,13 +13,14 @@ from conntracct.config import parse_config
 from conntracct.flow import DESTROY, NEW, UPDATE, FlowEvent
 from conntracct.pipeline import ErrorLog, Pipeline, SinkWorker
 from conntracct.selfmetrics import Stats
-from conntracct.sinks.base import PermanentSinkError, Sink, SinkConfig, TransientSinkError
+from conntracct.sinks.base import PermanentSinkError, Sink, SinkConfig, TransientSinkError, WriteResult
 
 
 class FakeSink(Sink):
-    """Records what it is given; raises the scripted errors, one per write()."""
+    """Records what it is given; raises the scripted errors, or returns the
+    scripted partial results, one per write()."""
 
-    def __init__(self, errors: list[Exception | None] | None = None, delay: float = 0.0,
+    def __init__(self, errors: list[Exception | WriteResult | None] | None = None, delay: float = 0.0,
                  gate: threading.Event | None = None):
         super().__init__(SinkConfig(type="fake"))
         self.errors = list(errors or [])
@@ -34,9 +35,13 @@ class FakeSink(Sink):
             self.gate.wait()
         time.sleep(self.delay)
         error = self.errors.pop(0) if self.errors else None
+        if isinstance(error, WriteResult):
+            self.written.append([e for e in batch if e not in error.retry and e not in error.rejected])
+            return error
         if error is not None:
             raise error
         self.written.append(list(batch))
+        return None
 
     def close(self) -> None:
         self.closed = True
@@ -136,17 +141,57 @@ def test_retries_exhausted_drops_the_batch_and_counts_it_per_kind():
     assert (snap["dropped"], snap["emitted"], snap["retries"]) == (3, 0, 2)
 
 
-def test_transient_error_naming_part_of_the_batch_retries_only_that_part():
+def test_a_partial_write_retries_only_the_records_to_retry():
     stats = Stats()
     batch = numbered(3)
-    sink = FakeSink(errors=[TransientSinkError("429 for one", events=[batch[1]]), None])
+    sink = FakeSink(errors=[WriteResult(retry=[batch[1]], reason="429 for one"), None])
     worker = make_worker(sink, stats, batch_size=3, retry={"backoff": 0.001})
     worker.start()
     for event in batch:
         worker.offer(event)
-    wait_for(lambda: sink.written)
+    wait_for(lambda: len(sink.calls) == 2)
+    worker.close(time.monotonic() + 1)
+    assert worker.join(1)
     assert ids(sink.calls[1][1]) == [1]
     assert stats.snapshot()["sinks"]["fake"]["emitted"] == 3
+
+
+def test_a_partial_write_drops_the_rejected_records_at_once_and_retries_the_rest(caplog):
+    """Telegraf's PartialWriteError: accepted records are emitted, rejected
+    ones dropped (permanent_error) on the attempt that reported them and never
+    resent, records to retry retried until written."""
+    stats = Stats()
+    batch = [flow(NEW, flow_id=0), flow(UPDATE, flow_id=1), flow(DESTROY, flow_id=2), flow(DESTROY, flow_id=3)]
+    sink = FakeSink(errors=[WriteResult(retry=[batch[2]], rejected=[batch[1], batch[3]], reason="mixed"),
+                            WriteResult(retry=[batch[2]], reason="still throttled"), None])
+    worker = make_worker(sink, stats, batch_size=4, retry={"backoff": 0.001})
+    worker.start()
+    with caplog.at_level("WARNING", logger="conntracct.pipeline"):
+        for event in batch:
+            worker.offer(event)
+        wait_for(lambda: len(sink.calls) == 3)
+        worker.close(time.monotonic() + 1)
+        assert worker.join(1)
+    assert [ids(b) for _, b in sink.calls] == [[0, 1, 2, 3], [2], [2]]
+    snap = stats.snapshot()["sinks"]["fake"]
+    assert snap["dropped_by"]["permanent_error"] == {NEW: 0, UPDATE: 1, DESTROY: 1}
+    assert (snap["emitted"], snap["dropped"], snap["retries"]) == (2, 2, 2)
+    assert (snap["batches_sent"], snap["batches_failed"]) == (0, 1)   # part of it was lost
+    assert "sink fake: will retry: partial write: mixed" in [r.getMessage() for r in caplog.records]
+
+
+def test_a_partial_write_whose_retries_run_out_counts_them_exhausted():
+    stats = Stats()
+    batch = numbered(3)
+    sink = FakeSink(errors=[WriteResult(retry=[batch[0]], reason="throttled")] * 5)
+    worker = make_worker(sink, stats, batch_size=3, retry={"max_attempts": 2, "backoff": 0.001})
+    worker.start()
+    for event in batch:
+        worker.offer(event)
+    wait_for(lambda: stats.snapshot()["sinks"]["fake"]["batches_failed"] == 1)
+    snap = stats.snapshot()["sinks"]["fake"]
+    assert snap["dropped_by"]["retries_exhausted"][UPDATE] == 1
+    assert (snap["emitted"], snap["dropped"], snap["retries"]) == (2, 1, 1)
 
 
 @pytest.mark.parametrize("error", [PermanentSinkError("400 bad record"), ValueError("sink bug")])

@@ -31,6 +31,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "sockaddr.h"      /* tests/netns: parse_addr */
+
 static volatile sig_atomic_t stop_flag;
 
 static void on_signal(int sig)
@@ -56,24 +58,7 @@ static int parse_dest(const char *spec, struct sockaddr_storage *ss, socklen_t *
     }
     memcpy(addr, spec, comma - spec);
     addr[comma - spec] = 0;
-    int port = atoi(comma + 1);
-    memset(ss, 0, sizeof(*ss));
-    struct sockaddr_in *a4 = (struct sockaddr_in *)ss;
-    struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)ss;
-    if (inet_pton(AF_INET, addr, &a4->sin_addr) == 1) {
-        a4->sin_family = AF_INET;
-        a4->sin_port = htons(port);
-        *len = sizeof(*a4);
-        return AF_INET;
-    }
-    if (inet_pton(AF_INET6, addr, &a6->sin6_addr) == 1) {
-        a6->sin6_family = AF_INET6;
-        a6->sin6_port = htons(port);
-        *len = sizeof(*a6);
-        return AF_INET6;
-    }
-    fprintf(stderr, "bad address %s\n", addr);
-    exit(2);
+    return parse_addr(addr, atoi(comma + 1), ss, len);
 }
 
 static void raise_nofile(long want)

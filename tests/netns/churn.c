@@ -34,6 +34,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "sockaddr.h"
+
 enum { ST_FREE = 0, ST_CONNECTING, ST_WAIT_EOF, ST_WAIT_REPLY, ST_SERVER };
 
 struct slot {
@@ -79,27 +81,6 @@ static void print_errors(void)
         first = 0;
     }
     printf("}");
-}
-
-static int parse_addr(const char *s, int port, struct sockaddr_storage *ss, socklen_t *len)
-{
-    memset(ss, 0, sizeof(*ss));
-    struct sockaddr_in *a4 = (struct sockaddr_in *)ss;
-    struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)ss;
-    if (inet_pton(AF_INET, s, &a4->sin_addr) == 1) {
-        a4->sin_family = AF_INET;
-        a4->sin_port = htons(port);
-        *len = sizeof(*a4);
-        return AF_INET;
-    }
-    if (inet_pton(AF_INET6, s, &a6->sin6_addr) == 1) {
-        a6->sin6_family = AF_INET6;
-        a6->sin6_port = htons(port);
-        *len = sizeof(*a6);
-        return AF_INET6;
-    }
-    fprintf(stderr, "bad address %s\n", s);
-    exit(2);
 }
 
 static void raise_nofile(void)

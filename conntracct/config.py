@@ -24,6 +24,7 @@ from pydantic import (
     model_validator,
 )
 
+from .enrichconfig import RESERVED_LABELS, EnrichConfig
 from .configtypes import (
     NO_VALUE,
     ByteSize,
@@ -115,8 +116,14 @@ def _power_of_two(value: int) -> int:
     return value
 
 
+# The probe's attach modes, in `auto`'s order of preference: the one list of
+# their names (the probe loader, mode detection and the CLI take it from here).
+ATTACH_MODES = ("fentry", "kprobe", "netfilter")
+PROBE_MODES = ("auto", *ATTACH_MODES)
+
+
 class ProbeConfig(StrictModel):
-    mode: Literal["auto", "netfilter", "kprobe", "fentry"] = "auto"
+    mode: Literal[PROBE_MODES] = "auto"   # type: ignore[valid-type]
     rate_curve: Annotated[list[RateStep], Field(default_factory=_default_rate_curve)]
     max_flows: int = Field(262144, ge=1024)
     # 16 MiB: a burst of 100k new flows without loss (bench P3, P4); the
@@ -154,24 +161,7 @@ class SysctlConfig(StrictModel):
         return self
 
 
-RESERVED_LABELS = frozenset({"direction"})   # set by the enricher itself
-
-
-def _check_labels(labels: dict[str, str]) -> dict[str, str]:
-    errors = [((key,), "label names must not be empty" if not key
-               else f"label {key!r} is set by the agent", key)
-              for key in labels if not key or key in RESERVED_LABELS]
-    if errors:
-        raise config_errors(errors)
-    return labels
-
-
-class EnrichConfig(StrictModel):
-    ignore: list[Network] = Field(default_factory=list)
-    labels: Annotated[dict[str, str], Field(default_factory=dict)]
-    local_addresses: list[Network] | None = None     # None: the host's own addresses
-
-    _check_labels = field_validator("labels")(_check_labels)
+# enrich: conntracct.enrichconfig (ignore rules, labels, range labels)
 
 
 class ShutdownConfig(StrictModel):

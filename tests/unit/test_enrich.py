@@ -137,3 +137,172 @@ def test_flow_memo_gives_what_enrichment_without_it_gives():
     labelled = with_memo(flow(orig=flows[0][0], memo=memos[0], labels={"probe": "x"}))   # labelled: not memoised
     assert labelled.labels == {"probe": "x", "site": "fra1", "direction": "outbound"}
     assert stats_memo.snapshot()["stages"] == stats_plain.snapshot()["stages"] == {"enrich": {"ignored": 6}}
+
+
+# -- range labels (enrich.ranges) --------------------------------------------
+
+RANGES = """\
+enrich:
+  local_addresses: [192.0.2.2, '2001:db8::2']
+  labels: {site: fra1}
+  ranges:
+    - {range: 198.51.100.0/24, labels: {customer: wide, env: prod}}
+    - {range: 198.51.100.10-198.51.100.20, labels: {customer: acme}}
+    - {range: '2001:db8:1::-2001:db8:1::ff', labels: {customer: six}}
+    - {range: 203.0.113.7, labels: {site: override}}
+"""
+
+
+@pytest.mark.parametrize(("orig", "expected"), [
+    ((HOST, "198.51.100.15", 40000, 443), {"customer": "acme", "env": "prod"}),        # narrower wins
+    ((HOST, "198.51.100.21", 40000, 443), {"customer": "wide", "env": "prod"}),
+    (("198.51.100.10", HOST, 40000, 22), {"customer": "acme", "env": "prod"}),         # inbound: the source
+    ((HOST, "198.51.101.1", 40000, 443), {}),
+    (("2001:db8::2", "2001:db8:1::80", 40000, 443), {"customer": "six"}),
+    (("2001:db8::2", "2001:db8:1::100", 40000, 443), {}),
+    ((HOST, "203.0.113.7", 40000, 443), {"site": "override"}),                          # over the global label
+])
+def test_range_labels_of_the_remote_endpoint(orig, expected):
+    event = enricher(RANGES)(flow(orig=orig))
+    want = {"site": "fra1", **expected}
+    want["direction"] = event.labels["direction"]
+    assert event.labels == want
+
+
+def test_range_endpoint_source_destination_either():
+    base = RANGES.replace("  ranges:", "  range_endpoint: %s\n  ranges:")
+    orig = ("198.51.100.10", "203.0.113.7", 1, 2)    # forward: neither local
+    got = {mode: {k: v for k, v in enricher(base % mode)(flow(orig=orig)).labels.items() if k != "direction"}
+           for mode in ("remote", "source", "destination", "either")}
+    assert got["remote"] == got["destination"] == {"site": "override"}
+    assert got["source"] == {"site": "fra1", "customer": "acme", "env": "prod"}
+    assert got["either"] == {"site": "override", "customer": "acme", "env": "prod"}
+
+
+def test_range_destination_is_where_the_flow_ends():
+    """A DNATed flow ends on the reply tuple's source, as its direction says."""
+    enrich = enricher(RANGES.replace("  ranges:", "  range_endpoint: destination\n  ranges:"))
+    event = enrich(flow(orig=("203.0.113.9", HOST, 1, 8080), reply=("198.51.100.12", "203.0.113.9", 80, 1)))
+    assert event.labels["customer"] == "acme"
+
+
+def _naive_labels(ranges, address):
+    """The reference: every covering range, wider first, later wins on ties."""
+    ip = ipaddress.ip_address(address)
+    covering = [(-(int(r.range[1]) - int(r.range[0])), i, r.labels) for i, r in enumerate(ranges)
+                if r.range[0].version == ip.version and r.range[0] <= ip <= r.range[1]]
+    merged = {}
+    for *_, labels in sorted(covering, key=lambda c: (c[0], c[1])):
+        merged.update(labels)
+    return merged
+
+
+def test_range_table_agrees_with_a_linear_scan_on_overlapping_ranges():
+    import random
+
+    from conntracct.enrich import NO_RANGE, RangeTable
+    from conntracct.enrichconfig import RangeLabels
+    rng = random.Random(7)
+    ranges = []
+    for i in range(300):
+        lo = rng.randrange(0, 4000)
+        hi = lo + rng.choice([0, 1, 5, 50, 700])
+        base = int(ipaddress.ip_address("10.0.0.0")) if i % 3 else int(ipaddress.ip_address("2001:db8::"))
+        first, last = ipaddress.ip_address(base + lo), ipaddress.ip_address(base + hi)
+        ranges.append(RangeLabels(range=f"{first}-{last}", labels={f"k{i % 7}": str(i)}))
+    table = RangeTable(ranges)
+    for base in ("10.0.0.0", "2001:db8::"):
+        for offset in range(0, 4800, 3):
+            ip = ipaddress.ip_address(int(ipaddress.ip_address(base)) + offset)
+            seg = table.find(ip)
+            assert (table.labels[seg] if seg != NO_RANGE else {}) == _naive_labels(ranges, str(ip)), ip
+
+
+@pytest.mark.parametrize(("text", "error"), [
+    ("{range: 192.0.2.20-192.0.2.10, labels: {a: b}}", "ranges[0].range: expected START-END with START not above END"),
+    ("{range: 192.0.2.1-2001:db8::1, labels: {a: b}}", "ranges[0].range: expected both ends in one address family"),
+    ("{range: 192.0.2.0/33, labels: {a: b}}", "ranges[0].range: expected an address range"),
+    ("{range: 192.0.2.0/24, labels: {direction: in}}", "ranges[0].labels.direction: label 'direction' is set"),
+    ("{range: 192.0.2.0/24}", "ranges[0].labels: "),
+])
+def test_bad_ranges_are_named(text, error):
+    from conntracct.config import ConfigError
+    with pytest.raises(ConfigError) as info:
+        parse_config("enrich:\n  ranges:\n    - %s\n" % text, "r.yml")
+    assert f"r.yml:3: enrich.{error}" in str(info.value)
+
+
+# -- ignore rules with protocols and ports -----------------------------------
+
+RULES = """\
+enrich:
+  local_addresses: [192.0.2.2]
+  ignore:
+    - 10.0.0.0/8
+    - udp/53 to 198.51.100.0/24
+    - tcp 1-1023 from 2001:db8::/32
+    - {protocol: both, ports: [5353, 8000-8100], net: 203.0.113.0/24}
+    - {protocol: tcp, source_ports: 179}
+    - icmp
+"""
+
+
+@pytest.mark.parametrize(("fields", "ignored"), [
+    (dict(orig=("10.1.1.1", "198.51.100.2", 1, 2)), True),                     # plain CIDR kept
+    (dict(orig=(HOST, "198.51.100.2", 40000, 53), proto=17), True),
+    (dict(orig=(HOST, "198.51.100.2", 40000, 53), proto=6), False),            # udp only
+    (dict(orig=(HOST, "198.51.101.2", 40000, 53), proto=17), False),           # not to that network
+    (dict(orig=("198.51.100.2", HOST, 53, 40000), proto=17), False),           # `to`: not from it
+    (dict(orig=("2001:db8::9", "2001:db9::1", 40000, 443)), True),
+    (dict(orig=("2001:db8::9", "2001:db9::1", 40000, 1024)), False),           # above the range
+    (dict(orig=("2001:db9::9", "2001:db8::1", 40000, 443)), False),            # `from`: not to it
+    (dict(orig=(HOST, "203.0.113.5", 40000, 8050), proto=17), True),
+    (dict(orig=("203.0.113.5", HOST, 40000, 5353)), True),                     # net: either side
+    (dict(orig=(HOST, "203.0.113.5", 40000, 8101)), False),
+    (dict(orig=(HOST, "203.0.113.5", 40000, 8050), proto=132), False),         # sctp: not tcp/udp
+    (dict(orig=(HOST, "198.51.100.9", 179, 40000)), True),                     # source port
+    (dict(orig=(HOST, "198.51.100.9", 0, 0), proto=1), True),                  # icmp: protocol alone
+    (dict(orig=(HOST, "198.51.100.9", 0, 0), proto=58), False),
+])
+def test_ignore_rules_with_protocols_and_ports(fields, ignored):
+    assert (enricher(RULES)(flow(**fields)) is None) == ignored
+
+
+def test_ignore_rules_memoised_per_flow_count_every_record():
+    stats = Stats()
+    enrich = enricher(RULES, stats.stage("enrich"))
+    memo = {}
+    for _ in range(3):
+        assert enrich(flow(orig=(HOST, "198.51.100.2", 40000, 53), proto=17, memo=memo)) is None
+    assert len(memo) == 1 and stats.snapshot()["stages"]["enrich"] == {"ignored": 3}
+
+
+@pytest.mark.parametrize(("rule", "error"), [
+    ("'udp/99999 to 198.51.100.0/24'", "ports in this rule: expected ports such as 53"),
+    ("'tcp from'", "expected a CIDR such as 10.0.0.0/8 or a rule such as"),
+    ("'tcp to 198.51.100.0/33'", "to in this rule: expected a CIDR"),
+    ("'tcp 22 from 192.0.2.0/24 from 192.0.2.0/24'", "expected a CIDR such as 10.0.0.0/8 or a rule"),
+    ("'smtp/25'", "expected a CIDR such as 10.0.0.0/8 or a rule"),
+    ("{protocol: tcpp}", ".protocol: expected a protocol: icmp, tcp, udp"),
+    ("{ports: 0-70000}", ".ports: expected ports"),
+    ("{protocol: tcp, fro: 192.0.2.0/24}", ".fro: unknown key (did you mean 'from'?)"),
+    ("{}", "expected a rule naming a protocol, ports or a network"),
+])
+def test_bad_ignore_rules_are_named(rule, error):
+    from conntracct.config import ConfigError
+    with pytest.raises(ConfigError) as info:
+        parse_config("enrich:\n  ignore:\n    - 10.0.0.0/8\n    - %s\n" % rule, "i.yml")
+    message = str(info.value)
+    assert message.startswith("i.yml:4: enrich.ignore[1]") and error in message, message
+    if rule.startswith("'"):
+        assert f"(got {rule})" in message    # the rule as written
+
+
+def test_ignore_rules_print_as_written_and_as_mappings():
+    config = parse_config(RULES).enrich
+    assert [str(r) for r in config.ignore] == [
+        "10.0.0.0/8", "udp/53 to 198.51.100.0/24", "tcp 1-1023 from 2001:db8::/32",
+        "tcp,udp/5353,8000-8100 net 203.0.113.0/24", "tcp sport 179", "icmp"]
+    again = parse_config("enrich:\n  ignore:\n" + "".join(
+        f"    - {r.describe()!r}\n" for r in config.ignore[1:])).enrich
+    assert [r.as_mapping() for r in again.ignore] == [r.as_mapping() for r in config.ignore[1:]]

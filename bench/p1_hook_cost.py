@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import Flows, Report, agent_config, arguments, bpf_run_stats, need_root, prog_stats_of_pid  # noqa: E402
 
 TARGET_NS = 80
-MAX_FLOWS_NOTE = "262,144"   # ProbeSettings().max_flows, as the agent runs
+MAX_FLOWS_NOTE = "262,144"   # ProbeSettings.from_config().max_flows, as the agent runs
 BPF_PROG_TYPE_NETFILTER = 32
 
 BASELINES = r"""
@@ -327,7 +327,7 @@ class Baselines:
         from conntracct.probe.loader import ProbeSettings, cflags
 
         self.ns_path = ns_path
-        self.bpf = BPF(text=BASELINES.encode(), cflags=cflags("netfilter", ProbeSettings()))
+        self.bpf = BPF(text=BASELINES.encode(), cflags=cflags("netfilter", ProbeSettings.from_config()))
         self.fds = {name: self.bpf.load_func(name.encode(), bpfsys.BPF_PROG_TYPE_NETFILTER,
                                              attach_type=bpfsys.BPF_NETFILTER).fd
                     for name in BASELINE_NAMES}

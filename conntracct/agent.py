@@ -8,7 +8,7 @@ import signal
 import threading
 import time
 
-from . import netns, sysctl
+from . import netns, selfmetrics, sysctl
 from .config import Config
 from .enrich import Enricher
 from .flow import FlowEvent
@@ -52,17 +52,12 @@ class EnvironmentProblem(Exception):
 
 
 def probe_settings(config: Config) -> ProbeSettings:
-    curve, final = config.probe.rate_curve_ns()
-    return ProbeSettings(rate_curve=curve, final_interval_ns=final,
-                         max_flows=config.probe.max_flows, ringbuf_pages=config.probe.ringbuf_pages)
+    return ProbeSettings.from_config(config.probe)
 
 
 class LossWatch:
-    """Logs, at most every `interval` seconds, when a loss counter has grown."""
-
-    PROBE_LOSSES = {"probe_records_lost": "records lost: ring buffer full (raise probe.ringbuf_pages)",
-                    "probe_state_full": "flows not tracked: flow map full (raise probe.max_flows)",
-                    "decode_errors": "undecodable probe records"}
+    """Logs, at most every `interval` seconds, when a loss counter has grown
+    (the loss counters and their meaning: selfmetrics.losses())."""
 
     def __init__(self, interval: float = 10.0):
         self._interval = interval
@@ -74,13 +69,9 @@ class LossWatch:
         if now < self._next:
             return
         self._next = now + self._interval
-        snap = snapshot()
-        current = {k: snap.get("probe", {}).get(k, 0) for k in self.PROBE_LOSSES}
-        current.update({f"sink {name}": s["dropped"] for name, s in snap["sinks"].items()})
-        for key, value in current.items():
+        for key, (value, what) in selfmetrics.losses(snapshot()).items():
             grown = value - self._seen.get(key, 0)
             if grown > 0:
-                what = self.PROBE_LOSSES.get(key, "records dropped (see its dropped_by counters)")
                 log.warning("%s: %d %s", key, grown, what)
             self._seen[key] = value
 
@@ -195,7 +186,9 @@ class Agent:
         self.source.close()
         self.pipeline.close(max(0.0, deadline - (time.monotonic() - started)))
         self._restore_sysctls()
-        log.info("conntracct stopped: probe %s", summary.get("probe"))
-        for name, sink in self.stats.snapshot()["sinks"].items():
-            log.info("sink %s: %s", name, sink)
+        # The sinks' counters after the drain; the probe's as it stopped.
+        summary.update(self.stats.snapshot())
+        log.info("conntracct stopped")
+        for line in selfmetrics.summary_lines(summary):
+            log.info("%s", line)
         return 0

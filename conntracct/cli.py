@@ -8,9 +8,9 @@ import sys
 import click
 
 from . import __version__
-from .config import ConfigError, load_config
+from .config import PROBE_MODES, ConfigError, load_config
 
-MODES = ("auto", "fentry", "kprobe", "netfilter")
+MODES = PROBE_MODES
 EXIT_USAGE = 2   # bad configuration or an environment that cannot run the agent
 
 

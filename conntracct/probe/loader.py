@@ -6,18 +6,20 @@ import ctypes
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import ATTACH_MODES, ProbeConfig
 from . import bpfsys
 from .btf import kernel_btf
+from .layout import DEFINES
 from .offsets import kernel_offsets
-from .record import FLOW_KEY, FLOW_STATE, RECORD, STAT_NAMES
+from .record import FLOW_KEY, FLOW_STATE, RECORD, STAT_NAMES, FlowState
 
 log = logging.getLogger(__name__)
 
 PROBE_SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "conntracct.c"
-MODES = ("fentry", "kprobe", "netfilter")
+MODES = ATTACH_MODES
 REFRESH_FUNC = "__nf_ct_refresh_acct"
 # The flow-end hook: the conntrack destructor, called exactly once per entry
 # when its last reference goes, whatever ended it (timeout, gc, flush, early
@@ -32,7 +34,9 @@ REFRESH_FUNC = "__nf_ct_refresh_acct"
 # paired.  destroy_conntrack is the destructor's name before Linux 5.19.
 DESTROY_FUNCS = ("nf_ct_destroy", "destroy_conntrack")
 
-SET_WALL_OFFSET, SET_AGENT_START, SET_STAMPED_SINCE_START = 0, 1, 2
+# Indexes of the probe's `settings` array (bpf/record.h).
+SET_WALL_OFFSET, SET_AGENT_START, SET_STAMPED_SINCE_START = (
+    DEFINES["SET_WALL_OFFSET"], DEFINES["SET_AGENT_START"], DEFINES["SET_STAMPED_SINCE_START"])
 
 
 class ProbeError(Exception):
@@ -51,13 +55,23 @@ def explain(e: BaseException) -> str:
     return text
 
 
-@dataclass
+@dataclass(frozen=True)
 class ProbeSettings:
-    rate_curve: list[tuple[int, int]] = field(
-        default_factory=lambda: [(60_000_000_000, 20_000_000_000), (300_000_000_000, 60_000_000_000)])
-    final_interval_ns: int = 300_000_000_000
-    max_flows: int = 262144
-    ringbuf_pages: int = 256
+    """What the probe is compiled with, in its units.  No defaults here: they
+    live in the configuration (config.ProbeConfig), and every probe -- the
+    agent's, the tests', the benchmarks' -- is set up from one."""
+    rate_curve: list[tuple[int, int]]    # [(age_ns, interval_ns), ...]
+    final_interval_ns: int
+    max_flows: int
+    ringbuf_pages: int
+
+    @classmethod
+    def from_config(cls, probe: ProbeConfig | None = None) -> ProbeSettings:
+        """From the configuration's probe section (its defaults without one)."""
+        probe = probe if probe is not None else ProbeConfig()
+        curve, final = probe.rate_curve_ns()
+        return cls(rate_curve=curve, final_interval_ns=final, max_flows=probe.max_flows,
+                   ringbuf_pages=probe.ringbuf_pages)
 
 
 def rate_curve_macro(curve: list[tuple[int, int]], final_ns: int) -> str:
@@ -149,7 +163,9 @@ def compile_probe(mode: str, settings: ProbeSettings, destroy: str = DESTROY_FUN
 
 
 class Probe:
-    """The attached probe: poll() hands raw records to `on_record`."""
+    """The attached probe, in typed calls: consume() hands each raw record
+    to `on_record`; the per-flow state map, the counters and the programs
+    are read through the methods below (nobody else touches BCC's tables)."""
 
     def __init__(self, mode: str, settings: ProbeSettings, on_record, stamped_since_start: bool):
         if mode not in MODES:
@@ -157,31 +173,31 @@ class Probe:
         self.mode = mode
         self._links: list[int] = []
         self.wall_offset_ns = wall_offset_ns()
-        self.bpf = None
+        self._bpf = None
         destroy = destroy_func() if mode != "netfilter" else DESTROY_FUNCS[0]
-        self.bpf = compile_probe(mode, settings, destroy)
+        self._bpf = compile_probe(mode, settings, destroy)
         try:
             self._configure(stamped_since_start)
             self._attach(destroy)
-            self._records = self.bpf["records"]
+            self._records = self._bpf["records"]
             self._records.open_ring_buffer(self._callback_for(on_record))
         except Exception:
             self.close()
             raise
         self.ring_fd = self._records.map_fd
-        self._stats = self.bpf["stats"]
-        flows = self.bpf["flows"]
-        self._taker = bpfsys.MapEntryTaker(flows.map_fd, FLOW_KEY.size, FLOW_STATE.size)
+        self._stats = self._bpf["stats"]
+        self._flows = self._bpf["flows"]
+        self._taker = bpfsys.MapEntryTaker(self._flows.map_fd, FLOW_KEY.size, FLOW_STATE.size)
 
     # -- set-up ---------------------------------------------------------------
     def _configure(self, stamped_since_start: bool) -> None:
-        settings = self.bpf["settings"]
+        settings = self._bpf["settings"]
         settings[ctypes.c_int(SET_WALL_OFFSET)] = ctypes.c_uint64(self.wall_offset_ns)
         settings[ctypes.c_int(SET_AGENT_START)] = ctypes.c_uint64(time.time_ns())
         settings[ctypes.c_int(SET_STAMPED_SINCE_START)] = ctypes.c_uint64(int(stamped_since_start))
 
     def _attach(self, destroy: str) -> None:
-        b = self.bpf
+        b = self._bpf
         try:
             if self.mode == "netfilter":
                 fn = b.load_func(b"netfilter_hook", bpfsys.BPF_PROG_TYPE_NETFILTER,
@@ -207,18 +223,18 @@ class Probe:
         return callback
 
     # -- running --------------------------------------------------------------
-    def poll(self, timeout_ms: int = 100) -> None:
-        self.bpf.ring_buffer_poll(timeout_ms)
-
     def consume(self) -> None:
         """Hand over every record queued now, without waiting."""
-        self.bpf.ring_buffer_consume()
+        self._bpf.ring_buffer_consume()
 
-    def take_flow_state(self, key: bytes) -> tuple[int, ...] | None:
-        """Remove a flow's kernel-side state:
-        (first_seen, next_emit, pkts_o, pkts_r, bytes_o, bytes_r, flags)."""
+    def take_flow_state(self, key: bytes) -> FlowState | None:
+        """Remove a flow's kernel-side state (key: a struct flow_key) and return it."""
         raw = self._taker.take(key)
-        return FLOW_STATE.unpack(raw) if raw is not None else None
+        return FlowState.unpack(raw) if raw is not None else None
+
+    def flow_keys(self) -> list[bytes]:
+        """The keys (struct flow_key) of every flow the probe holds state for."""
+        return [bytes(k) for k in self._flows.keys()]
 
     def stats(self) -> dict[str, int]:
         out = {}
@@ -229,7 +245,7 @@ class Probe:
     def program_stats(self) -> dict[str, dict[str, int]]:
         """Per attached program: run count and run time (kernel.bpf_stats_enabled=1)."""
         out = {}
-        for name, fn in self.bpf.funcs.items():
+        for name, fn in self._bpf.funcs.items():
             runs, ns = bpfsys.prog_run_stats(fn.fd)
             out[name.decode() if isinstance(name, bytes) else name] = {"run_cnt": runs, "run_time_ns": ns}
         return out
@@ -238,6 +254,6 @@ class Probe:
         for fd in self._links:
             os.close(fd)
         self._links.clear()
-        if self.bpf is not None:
-            self.bpf.cleanup()
-            self.bpf = None
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None

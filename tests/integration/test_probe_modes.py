@@ -19,6 +19,7 @@ import pytest
 from bcc import BPF
 
 from conntracct import netns
+from conntracct.config import ProbeConfig
 from conntracct.probe.btf import kernel_btf
 from conntracct.probe.loader import (
     DESTROY_FUNCS,
@@ -44,7 +45,7 @@ def conntrack_is_a_module() -> bool:
 
 
 def test_kprobe_entry_points_pass_the_verifier():
-    b = compile_probe("kprobe", ProbeSettings(), DESTROY_FUNCS[0])
+    b = compile_probe("kprobe", ProbeSettings.from_config(), DESTROY_FUNCS[0])
     try:
         for name in (b"refresh_enter", b"refresh_return", b"flow_destroy"):
             assert b.load_func(name, BPF.KPROBE).fd > 0
@@ -53,7 +54,7 @@ def test_kprobe_entry_points_pass_the_verifier():
 
 
 def test_netfilter_entry_point_loads():
-    b = compile_probe("netfilter", ProbeSettings())
+    b = compile_probe("netfilter", ProbeSettings.from_config())
     try:
         if not try_netfilter().ok:
             pytest.skip(f"compiled; this kernel has no BPF netfilter programs: {try_netfilter().detail}")
@@ -68,7 +69,7 @@ def test_fentry_entry_points_attach_or_the_reason_is_named():
     refusal), never a compile error."""
     check = try_fentry()
     try:
-        b = compile_probe("fentry", ProbeSettings(), destroy_func())
+        b = compile_probe("fentry", ProbeSettings.from_config(), destroy_func())
     except ProbeError as e:
         assert not check.ok, (check, e)
         if conntrack_is_a_module():
@@ -127,7 +128,8 @@ def test_forcing_a_mode_attaches_the_whole_probe_or_says_why(mode):
     # The real probe, every entry point attached; netfilter links in a
     # private namespace (the others are global anyway).
     with Topology() as topo, netns.entered(topo.ns_path("router") if mode == "netfilter" else None):
-        probe = Probe(mode, ProbeSettings(max_flows=1024, ringbuf_pages=8), lambda raw: None, False)
+        settings = ProbeSettings.from_config(ProbeConfig(max_flows=1024, ringbuf_pages=8))
+        probe = Probe(mode, settings, lambda raw: None, False)
         try:
             assert probe.program_stats()
         finally:

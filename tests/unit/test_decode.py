@@ -7,18 +7,11 @@ import subprocess
 
 import pytest
 
-from conntracct.flow import DESTROY, FLAG_FIRST_SIGHT, NEW, FlowEvent, flow_id
+from conntracct.flow import DESTROY, FLAG_FIRST_SIGHT, NEW, flow_id
 from conntracct.probe import ctnetlink
 from conntracct.probe.loader import rate_curve_macro
-from conntracct.probe.record import (
-    KIND_CODES,
-    RECORD,
-    decode,
-    decode_tuple,
-    first_sight_new,
-    pack_tuple,
-    record_key,
-)
+from conntracct.probe.record import RECORD, decode, first_sight_new, pack_tuple, record_key
+from tests.reference.record import reference_decode
 
 V4_A, V4_B, V4_NAT = (socket.inet_pton(socket.AF_INET, a) for a in ("192.0.2.2", "198.51.100.2", "198.51.100.1"))
 V6_A, V6_B = (socket.inet_pton(socket.AF_INET6, a) for a in ("2001:db8:1::2", "2001:db8:2::2"))
@@ -54,7 +47,8 @@ def test_ipv6_record_is_family_aware():
 
 def test_icmp_tuple_carries_type_code_id():
     orig = pack_tuple(socket.AF_INET, 1, V4_A, V4_B, 0x1234, (8 << 8) | 0)
-    tup, family, proto, icmp = decode_tuple(orig)
+    e = decode(raw_record(orig, orig), 0)
+    tup, family, proto, icmp = e.orig, e.family, e.proto, e.icmp
     assert (family, proto, icmp) == (4, 1, (8, 0, 0x1234))
     assert tup.sport == tup.dport == 0
     # The kernel's layout: id in network order, then type and code bytes.
@@ -65,7 +59,7 @@ def test_unknown_family_is_an_error():
     bad = bytearray(pack_tuple(socket.AF_INET, 6, V4_A, V4_B, 1, 2))
     bad[36] = 99
     with pytest.raises(ValueError, match="family 99"):
-        decode_tuple(bytes(bad))
+        decode(raw_record(bytes(bad), bytes(bad)), 0)
 
 
 def test_flow_id_is_stable_and_distinguishes_flows():
@@ -90,21 +84,6 @@ def test_first_sight_destroy_gets_a_new_first():
     new = first_sight_new(e)
     assert new.kind == NEW and e.kind == DESTROY and new.flow_id == e.flow_id
     assert first_sight_new(decode(raw_record(orig, orig, kind=3), 0)) is None
-
-
-def reference_decode(raw, wall_offset_ns):
-    """decode() spelled out from its parts: decode_tuple() per tuple, flow.flow_id()."""
-    (ts, start, stop, first_seen, po, pr, bo, br, dpo, dpr, dbo, dbr, status,
-     orig_raw, reply_raw, netns, mark, zone, kind, tcp_state, flags) = RECORD.unpack_from(raw)
-    orig, family, proto, icmp = decode_tuple(orig_raw)
-    reply = decode_tuple(reply_raw)[0]
-    return FlowEvent(
-        kind=KIND_CODES[kind], flow_id=flow_id(orig_raw, zone, netns, start or first_seen),
-        family=family, proto=proto, orig=orig, reply=reply,
-        packets_orig=po, bytes_orig=bo, packets_reply=pr, bytes_reply=br,
-        delta_packets_orig=dpo, delta_bytes_orig=dbo, delta_packets_reply=dpr, delta_bytes_reply=dbr,
-        start_ns=start, stop_ns=stop, ts_ns=ts + wall_offset_ns, zone=zone, mark=mark, netns=netns,
-        status=status, tcp_state=tcp_state, flags=flags, icmp=icmp)
 
 
 def test_decode_equals_its_reference_on_random_records():

@@ -1,7 +1,20 @@
-"""The agent's counters about itself, safe to update from any thread.
+"""The agent's counters about itself: where they are kept, what they mean.
 
-Stats.snapshot() returns plain dicts whose key names are a stable interface
-(logs, the Prometheus sink):
+Two halves:
+
+- Stats (SinkStats, StageStats): counters kept by the pipeline and the
+  stages, safe to update from any thread.  Agent.snapshot() adds the probe's
+  counters (FlowSource.stats()) to Stats.snapshot().
+- The typed metrics (Metric, and the PROBE_VALUES / sink / stage tables
+  below): the one definition of every counter the agent reports about
+  itself -- its exported name, type, help text, labels, and which snapshot
+  key it reads.  collect(snapshot) turns a snapshot into typed families;
+  the Prometheus sink exposes them, LossWatch (losses()) and the exit
+  summary (summary_lines()) read the same definitions.  A counter renamed
+  in the probe without its definition here fails
+  tests/unit/test_selfmetrics.py instead of silently vanishing.
+
+The snapshot's key names (a stable interface):
 
   {"sinks":  {<sink name>: {"received", "emitted", "dropped", "batches_sent",
                             "batches_failed", "retries", "queue_depth",
@@ -16,7 +29,8 @@ Stats.snapshot() returns plain dicts whose key names are a stable interface
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from .flow import KINDS, FlowEvent
@@ -132,3 +146,196 @@ class Stats:
             sinks, stages = list(self._sinks.values()), list(self._stages.values())
         return {"sinks": {s.name: s.snapshot() for s in sinks},
                 "stages": {s.name: s.snapshot() for s in stages}}
+
+
+# -- typed metrics -------------------------------------------------------------
+
+COUNTER, GAUGE, INFO = "counter", "gauge", "info"
+
+
+@dataclass(frozen=True, slots=True)
+class Metric:
+    """One metric the agent reports about itself.  Counter names go without
+    the `_total` the exposition adds."""
+
+    name: str
+    type: str                       # COUNTER, GAUGE or INFO
+    help: str
+    labels: tuple[str, ...] = ()
+
+
+@dataclass(slots=True)
+class Family:
+    """A metric's samples from one snapshot: (label values, value)."""
+
+    metric: Metric
+    samples: list[tuple[tuple[str, ...], float]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeValue:
+    """A metric that is one number of the probe's stats (FlowSource.stats())."""
+
+    key: str                # the probe's stats key
+    metric: Metric
+    loss: str = ""          # when it grows, records were lost: what LossWatch says
+
+
+BUILD = Metric("conntracct_build", INFO, "conntracct's version and probe mode", ("version", "mode"))
+RECORDS = Metric("conntracct_records", COUNTER, "Flow records read, by stage and record kind", ("stage", "kind"))
+PROBE_VALUES = (
+    ProbeValue("probe_records_lost", Metric("conntracct_probe_lost_records", COUNTER,
+               "Records the probe could not put in the full BPF ring buffer"),
+               loss="records lost: ring buffer full (raise probe.ringbuf_pages)"),
+    ProbeValue("decode_errors", Metric("conntracct_probe_decode_errors", COUNTER,
+               "Probe records that could not be decoded"), loss="undecodable probe records"),
+    ProbeValue("ctnetlink_overruns", Metric("conntracct_ctnetlink_overruns", COUNTER,
+               "ctnetlink receive-buffer overruns (ENOBUFS): DESTROY events lost and recovered by a table dump")),
+    ProbeValue("ends_unseen", Metric("conntracct_probe_ends_unseen", COUNTER,
+               "Flows whose end event never came, reported with their last seen totals")),
+    ProbeValue("probe_state_full", Metric("conntracct_flow_state_full", COUNTER,
+               "Flows left untracked because the probe's per-flow state map was full"),
+               loss="flows not tracked: flow map full (raise probe.max_flows)"),
+    ProbeValue("max_flows", Metric("conntracct_flow_state_capacity", GAUGE,
+               "Size of the probe's per-flow state map (probe.max_flows)")),
+    ProbeValue("flows_without_end_events", Metric("conntracct_flows_without_end_events", GAUGE,
+               "Live flows conntrack will send no DESTROY event for (swept for their end)")),
+)
+# Flows in the state map: the probe's inserts minus its deletes minus the
+# entries the agent deleted itself (flows found ended by the sweep).
+STATE_ENTRIES = Metric("conntracct_flow_state_entries", GAUGE,
+                       "Flows in the probe's per-flow state map (inserts minus deletes)")
+STATE_ENTRY_KEYS = ("probe_state_inserts", "probe_state_deletes", "state_deletes")
+SWEEPS = Metric("conntracct_probe_sweeps", COUNTER, "Sweeps for the end of flows without end events, "
+                "by how the kernel was asked (a lookup per flow, or one table dump)", ("by",))
+SWEEP_KEYS = {"lookup": "sweeps_by_lookup", "dump": "sweeps_by_dump"}
+BPF_RUNS = Metric("conntracct_bpf_program_runs", COUNTER,
+                  "Runs of each BPF program (counted while kernel.bpf_stats_enabled=1)", ("program",))
+BPF_RUN_SECONDS = Metric("conntracct_bpf_program_run_seconds", COUNTER,
+                         "Time spent in each BPF program (counted while kernel.bpf_stats_enabled=1)", ("program",))
+STAGE_EVENTS = Metric("conntracct_stage_events", COUNTER, "Events counted by a pipeline stage (e.g. enrich: ignored)",
+                      ("stage", "event"))
+SINK_RECORDS = Metric("conntracct_sink_records", COUNTER,
+                      "Records offered to a sink (received) and written by it (emitted)", ("sink", "outcome"))
+SINK_DROPPED = Metric("conntracct_sink_dropped", COUNTER, "Records a sink dropped, by reason and record kind",
+                      ("sink", "reason", "kind"))
+SINK_QUEUE_DEPTH = Metric("conntracct_sink_queue_depth", GAUGE, "Records waiting in a sink's queue", ("sink",))
+SINK_QUEUE_CAPACITY = Metric("conntracct_sink_queue_capacity", GAUGE, "Size of a sink's queue (queue_size)",
+                             ("sink",))
+SINK_BATCHES = Metric("conntracct_sink_batches", COUNTER, "Batches a sink wrote (sent) or gave up on (failed)",
+                      ("sink", "outcome"))
+SINK_RETRIES = Metric("conntracct_sink_retries", COUNTER, "Batch writes a sink retried after a transient error",
+                      ("sink",))
+
+# Every key of the probe's stats a metric reads: what the probe must keep
+# reporting under these names (tests/unit/test_selfmetrics.py).
+PROBE_KEYS = frozenset({"mode", "programs", *(f"received_{kind}" for kind in KINDS),
+                        *(v.key for v in PROBE_VALUES), *STATE_ENTRY_KEYS, *SWEEP_KEYS.values()})
+
+
+def _num(value: Any) -> float | None:
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def collect(snapshot: dict[str, Any], version: str = "") -> Iterator[Family]:
+    """The typed families of one Agent.snapshot().  Keys that are missing
+    (a stage not running, a counter this probe mode lacks) leave their metric
+    out rather than fail."""
+    probe, sinks, stages = (_dict(snapshot.get(k)) for k in ("probe", "sinks", "stages"))
+    yield Family(BUILD, [((version, str(probe.get("mode") or "")), 1)])
+    yield from _probe_families(probe)
+    stage_events = [((str(stage), str(counter)), v) for stage, counts in sorted(stages.items())
+                    for counter, n in sorted(_dict(counts).items()) if (v := _num(n)) is not None]
+    if stage_events:
+        yield Family(STAGE_EVENTS, stage_events)
+    if sinks:
+        yield from _sink_families(sinks)
+
+
+def _probe_families(probe: dict[str, Any]) -> Iterator[Family]:
+    received = [(("probe", kind), v) for kind in KINDS if (v := _num(probe.get(f"received_{kind}"))) is not None]
+    if received:
+        yield Family(RECORDS, received)
+    for value in PROBE_VALUES:
+        if (v := _num(probe.get(value.key))) is not None:
+            yield Family(value.metric, [((), v)])
+    inserts, deletes, ours = (_num(probe.get(k)) for k in STATE_ENTRY_KEYS)
+    if inserts is not None and deletes is not None:
+        yield Family(STATE_ENTRIES, [((), max(inserts - deletes - (ours or 0), 0))])
+    sweeps = [((by,), v) for by, key in SWEEP_KEYS.items() if (v := _num(probe.get(key))) is not None]
+    if sweeps:
+        yield Family(SWEEPS, sweeps)
+    programs = _dict(probe.get("programs"))
+    if programs:
+        runs, run_time = Family(BPF_RUNS), Family(BPF_RUN_SECONDS)
+        for program, counts in sorted(programs.items()):
+            counts = _dict(counts)
+            if (n := _num(counts.get("run_cnt"))) is not None:
+                runs.samples.append(((str(program),), n))
+            if (ns := _num(counts.get("run_time_ns"))) is not None:
+                run_time.samples.append(((str(program),), ns / 1e9))
+        yield runs
+        yield run_time
+
+
+def _sink_families(sinks: dict[str, Any]) -> Iterator[Family]:
+    records, dropped, depth = Family(SINK_RECORDS), Family(SINK_DROPPED), Family(SINK_QUEUE_DEPTH)
+    capacity, batches, retries = Family(SINK_QUEUE_CAPACITY), Family(SINK_BATCHES), Family(SINK_RETRIES)
+    for sink, s in sorted(sinks.items()):
+        if not isinstance(s, dict):
+            continue
+        for outcome in ("received", "emitted"):
+            if (v := _num(s.get(outcome))) is not None:
+                records.samples.append(((sink, outcome), v))
+        for reason, kinds in sorted(_dict(s.get("dropped_by")).items()):
+            for kind, n in sorted(_dict(kinds).items()):
+                if (v := _num(n)) is not None:
+                    dropped.samples.append(((sink, reason, kind), v))
+        for family, key in ((depth, "queue_depth"), (capacity, "queue_capacity"), (retries, "retries")):
+            if (v := _num(s.get(key))) is not None:
+                family.samples.append(((sink,), v))
+        for outcome in ("sent", "failed"):
+            if (v := _num(s.get(f"batches_{outcome}"))) is not None:
+                batches.samples.append(((sink, outcome), v))
+    yield from (records, dropped, depth, capacity, batches, retries)
+
+
+# -- what the log reads ----------------------------------------------------------
+
+def losses(snapshot: dict[str, Any]) -> dict[str, tuple[int, str]]:
+    """Every loss counter of a snapshot: name -> (count so far, what it means).
+    The probe's from PROBE_VALUES (those with a `loss` text), each sink's drops."""
+    probe = _dict(snapshot.get("probe"))
+    out = {value.key: (int(_num(probe.get(value.key)) or 0), value.loss) for value in PROBE_VALUES if value.loss}
+    for name, s in sorted(_dict(snapshot.get("sinks")).items()):
+        out[f"sink {name}"] = (int(_num(_dict(s).get("dropped")) or 0),
+                               "records dropped (see its dropped_by counters)")
+    return out
+
+
+def summary_lines(snapshot: dict[str, Any]) -> list[str]:
+    """The snapshot as readable lines (the exit summary): one per stage and
+    per sink, `counter=value` each, then one per loss counter that grew, with
+    what it means.  The machine-readable form is the metrics (collect())."""
+    probe = _dict(snapshot.get("probe"))
+    lines = []
+    if probe:
+        counts = " ".join(f"{key}={value}" for key, value in probe.items() if _num(value) is not None)
+        lines.append(f"probe ({probe.get('mode') or '?'}): {counts}")
+    for stage, counts in sorted(_dict(snapshot.get("stages")).items()):
+        text = " ".join(f"{counter}={n}" for counter, n in sorted(_dict(counts).items()))
+        lines.append(f"stage {stage}: {text or 'nothing counted'}")
+    for name, s in sorted(_dict(snapshot.get("sinks")).items()):
+        s = _dict(s)
+        counts = " ".join(f"{key}={value}" for key, value in s.items() if _num(value) is not None)
+        drops = " ".join(f"{reason}/{kind}={n}" for reason, kinds in _dict(s.get("dropped_by")).items()
+                         for kind, n in _dict(kinds).items() if n)
+        lines.append(f"sink {name}: {counts}" + (f" (dropped: {drops})" if drops else ""))
+    for key, (count, what) in losses(snapshot).items():
+        if count:
+            lines.append(f"lost: {key}: {count} {what}")
+    return lines

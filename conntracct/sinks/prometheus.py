@@ -8,7 +8,8 @@ Three groups of metrics on one endpoint, each read at scrape time:
 - traffic counters per remote host and direction
   (conntrack_flow_bytes_total / conntrack_flow_packets_total{host, direction});
 - the agent's own counters (conntracct_*), from the snapshot the agent hands
-  over through observe().
+  over through observe(), as conntracct.selfmetrics defines them (names,
+  types, help: one definition the loss log and exit summary share).
 
 The remote host of a flow, from the enricher's `direction` label:
   inbound                        orig.src, with the port the client connected
@@ -44,9 +45,9 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, model_validator
 
-from .. import __version__
+from .. import __version__, selfmetrics
 from ..configtypes import Network, PositiveDuration, config_errors
-from ..flow import DESTROY, FLAG_NO_ACCT, KINDS, FlowEvent
+from ..flow import DESTROY, FLAG_NO_ACCT, FlowEvent
 from .base import PermanentSinkError, Sink, SinkConfig
 from .common import PORT_PROTOS, endpoint
 
@@ -392,109 +393,24 @@ def _counter(name: str, help_text: str, labels: list[str], samples: Iterable[tup
     return family
 
 
-def _num(value: Any) -> float | None:
-    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
-
-
 def agent_metrics(snapshot: dict[str, Any]) -> Iterator[Metric]:
-    """The agent's own metrics from one Agent.snapshot(); keys that are
-    missing (a stage not running, a counter this probe mode lacks) leave
-    their metric out rather than fail the scrape."""
-    from prometheus_client.core import InfoMetricFamily
+    """The agent's own metrics from one Agent.snapshot(), as prometheus_client
+    families of the typed metrics conntracct.selfmetrics defines."""
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 
-    probe = snapshot.get("probe") or {}
-    sinks = snapshot.get("sinks") or {}
-    stages = snapshot.get("stages") or {}
-
-    info = InfoMetricFamily("conntracct_build", "conntracct's version and probe mode")
-    info.add_metric([], {"version": __version__, "mode": str(probe.get("mode") or "")})
-    yield info
-
-    # -- probe
-    received = [([kind], _num(probe.get(f"received_{kind}"))) for kind in KINDS]
-    received = [(["probe", *labels], v) for labels, v in received if v is not None]
-    if received:
-        yield _counter("conntracct_records", "Flow records read, by stage and record kind",
-                       ["stage", "kind"], received)
-    for key, name, help_text in (
-            ("probe_records_lost", "conntracct_probe_lost_records",
-             "Records the probe could not put in the full BPF ring buffer"),
-            ("decode_errors", "conntracct_probe_decode_errors", "Probe records that could not be decoded"),
-            ("ctnetlink_overruns", "conntracct_ctnetlink_overruns",
-             "ctnetlink receive-buffer overruns (ENOBUFS): DESTROY events lost and recovered by a table dump"),
-            ("ends_unseen", "conntracct_probe_ends_unseen",
-             "Flows whose end event never came, reported with their last seen totals"),
-            ("probe_state_full", "conntracct_flow_state_full",
-             "Flows left untracked because the probe's per-flow state map was full")):
-        value = _num(probe.get(key))
-        if value is not None:
-            yield _counter(name, help_text, [], [([], value)])
-    inserts, deletes = _num(probe.get("probe_state_inserts")), _num(probe.get("probe_state_deletes"))
-    if inserts is not None and deletes is not None:
-        entries = inserts - deletes - (_num(probe.get("state_deletes")) or 0)
-        yield _gauge("conntracct_flow_state_entries", "Flows in the probe's per-flow state map "
-                     "(inserts minus deletes)", [], [([], max(entries, 0))])
-    if (capacity := _num(probe.get("max_flows"))) is not None:
-        yield _gauge("conntracct_flow_state_capacity", "Size of the probe's per-flow state map (probe.max_flows)",
-                     [], [([], capacity)])
-    if (unevented := _num(probe.get("flows_without_end_events"))) is not None:
-        yield _gauge("conntracct_flows_without_end_events", "Live flows conntrack will send no DESTROY "
-                     "event for (swept for their end)", [], [([], unevented)])
-    programs = probe.get("programs") or {}
-    if isinstance(programs, dict) and programs:
-        runs, run_time = [], []
-        for program, counts in sorted(programs.items()):
-            if not isinstance(counts, dict):
-                continue
-            if (n := _num(counts.get("run_cnt"))) is not None:
-                runs.append(([str(program)], n))
-            if (ns := _num(counts.get("run_time_ns"))) is not None:
-                run_time.append(([str(program)], ns / 1e9))
-        yield _counter("conntracct_bpf_program_runs", "Runs of each BPF program "
-                       "(counted while kernel.bpf_stats_enabled=1)", ["program"], runs)
-        yield _counter("conntracct_bpf_program_run_seconds", "Time spent in each BPF program "
-                       "(counted while kernel.bpf_stats_enabled=1)", ["program"], run_time)
-
-    # -- other stages (enrich, ...)
-    stage_events = [([str(stage), str(counter)], v) for stage, counts in sorted(stages.items())
-                    if isinstance(counts, dict)
-                    for counter, n in sorted(counts.items()) if (v := _num(n)) is not None]
-    if stage_events:
-        yield _counter("conntracct_stage_events", "Events counted by a pipeline stage (e.g. enrich: ignored)",
-                       ["stage", "event"], stage_events)
-
-    # -- sinks
-    records, dropped, depth, capacity_, batches, retries = [], [], [], [], [], []
-    for sink, s in sorted(sinks.items()):
-        if not isinstance(s, dict):
+    for family in selfmetrics.collect(snapshot, __version__):
+        metric = family.metric
+        if metric.type == selfmetrics.INFO:
+            info = InfoMetricFamily(metric.name, metric.help)
+            for values, _ in family.samples:
+                info.add_metric([], dict(zip(metric.labels, values, strict=True)))
+            yield info
             continue
-        for outcome in ("received", "emitted"):
-            if (v := _num(s.get(outcome))) is not None:
-                records.append(([sink, outcome], v))
-        for reason, kinds in sorted((s.get("dropped_by") or {}).items()):
-            for kind, n in sorted((kinds or {}).items()):
-                if (v := _num(n)) is not None:
-                    dropped.append(([sink, reason, kind], v))
-        if (v := _num(s.get("queue_depth"))) is not None:
-            depth.append(([sink], v))
-        if (v := _num(s.get("queue_capacity"))) is not None:
-            capacity_.append(([sink], v))
-        for outcome in ("sent", "failed"):
-            if (v := _num(s.get(f"batches_{outcome}"))) is not None:
-                batches.append(([sink, outcome], v))
-        if (v := _num(s.get("retries"))) is not None:
-            retries.append(([sink], v))
-    if sinks:
-        yield _counter("conntracct_sink_records", "Records offered to a sink (received) and written by it "
-                       "(emitted)", ["sink", "outcome"], records)
-        yield _counter("conntracct_sink_dropped", "Records a sink dropped, by reason and record kind",
-                       ["sink", "reason", "kind"], dropped)
-        yield _gauge("conntracct_sink_queue_depth", "Records waiting in a sink's queue", ["sink"], depth)
-        yield _gauge("conntracct_sink_queue_capacity", "Size of a sink's queue (queue_size)", ["sink"], capacity_)
-        yield _counter("conntracct_sink_batches", "Batches a sink wrote (sent) or gave up on (failed)",
-                       ["sink", "outcome"], batches)
-        yield _counter("conntracct_sink_retries", "Batch writes a sink retried after a transient error",
-                       ["sink"], retries)
+        kind = CounterMetricFamily if metric.type == selfmetrics.COUNTER else GaugeMetricFamily
+        out = kind(metric.name, metric.help, labels=list(metric.labels))
+        for values, value in family.samples:
+            out.add_metric(list(values), value)
+        yield out
 
 
 class AgentCollector:

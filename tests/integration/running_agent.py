@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -99,6 +100,14 @@ class RunningAgent:
             if predicate(records) or time.monotonic() > deadline:
                 return records
             time.sleep(0.1)
+
+
+def probe_summary(stderr: str) -> dict[str, int]:
+    """The probe's counters from the agent's exit summary line
+    `probe (<mode>): name=value ...` (conntracct.selfmetrics.summary_lines)."""
+    match = re.search(r"probe \(\w+\): (.*)", stderr)
+    assert match, stderr
+    return {name: int(value) for name, value in re.findall(r"(\w+)=(\d+)", match.group(1))}
 
 
 def by_flow(records: list[dict]) -> dict[str, list[dict]]:

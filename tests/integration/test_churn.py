@@ -5,14 +5,12 @@ whose totals equal the kernel's (`conntrack -E`)."""
 
 from __future__ import annotations
 
-import ast
 import os
-import re
 from collections import Counter
 
 import pytest
 
-from tests.integration.running_agent import RunningAgent, by_flow
+from tests.integration.running_agent import RunningAgent, by_flow, probe_summary
 from tests.netns import Topology
 
 pytestmark = [pytest.mark.root, pytest.mark.slow,
@@ -22,9 +20,7 @@ RATE = 5000
 
 
 def agent_probe_stats(stderr: str) -> dict:
-    match = re.search(r"conntracct stopped: probe (\{.*\})", stderr)
-    assert match, stderr
-    return ast.literal_eval(match.group(1))
+    return probe_summary(stderr)
 
 
 def test_churn_5000_per_second_loses_nothing():

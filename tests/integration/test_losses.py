@@ -3,15 +3,13 @@ a full flow-state map, a full ring buffer, and ctnetlink overruns (ENOBUFS)."""
 
 from __future__ import annotations
 
-import ast
 import os
-import re
 import signal
 import time
 
 import pytest
 
-from tests.integration.running_agent import RunningAgent, by_flow
+from tests.integration.running_agent import RunningAgent, by_flow, probe_summary
 from tests.netns import Topology
 
 pytestmark = [pytest.mark.root,
@@ -19,9 +17,7 @@ pytestmark = [pytest.mark.root,
 
 
 def probe_stats(agent: RunningAgent) -> dict:
-    match = re.search(r"conntracct stopped: probe (\{.*\})", agent.stderr)
-    assert match, agent.stderr
-    return ast.literal_eval(match.group(1))
+    return probe_summary(agent.stderr)
 
 
 def test_a_full_flow_map_is_counted():

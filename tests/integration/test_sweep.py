@@ -6,16 +6,14 @@ encoding must be the kernel's, for every protocol it is used for."""
 
 from __future__ import annotations
 
-import ast
 import json
 import os
-import re
 import sys
 import time
 
 import pytest
 
-from tests.integration.running_agent import TEST_MODE, RunningAgent, by_flow, find
+from tests.integration.running_agent import TEST_MODE, RunningAgent, by_flow, find, probe_summary
 from tests.netns import Topology, find_flows
 
 pytestmark = [pytest.mark.root,
@@ -139,7 +137,7 @@ def test_many_backdated_flows_are_swept_by_dump_and_end_once_with_the_kernel_tot
             code = agent.stop()
             sink.kill()
     assert code == 0 and "Traceback" not in agent.stderr, agent.stderr
-    stats = ast.literal_eval(re.search(r"conntracct stopped: probe (\{.*\})", agent.stderr).group(1))
+    stats = probe_summary(agent.stderr)
     assert stats["sweeps_by_dump"] >= 2, str(stats)
     assert stats["ends_unseen"] == 400 and stats["flows_without_end_events"] == 0, stats
     assert len(kernel) == 400

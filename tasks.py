@@ -54,6 +54,9 @@ TEST_APT_PACKAGES = [
     # about capture rights takes its default under DEBIAN_FRONTEND=noninteractive),
     # and python3-ipfix, the library bench/ipfix_encode.py compares against
     "nfdump", "pmacct", "tshark", "python3-ipfix",
+    # the peers bench/p6_vs_peers.py runs beside the agent (pmacctd is in
+    # pmacct above) and its UDP flood
+    "ulogd2", "ulogd2-json", "iperf3",
 ]
 # apt waits this long for another apt/dpkg (unattended-upgrades at boot) to
 # release its locks, instead of failing.

@@ -4,7 +4,7 @@
     ./tasks.py bench [-- --only P2 P4] [-- --smoke]
     .venv/bin/python bench/run.py [--smoke] [--only P1 ...] [--readme PATH | --no-readme]
 
-P1..P5 run one after the other, each as its own process (bench/p*.py, which
+P1..P6 run one after the other, each as its own process (bench/p*.py, which
 also run alone), then the sink benchmarks that were here before
 (influx_line_protocol.py, es_sink_throughput.py, influx_sink_throughput.py);
 their output goes into the README as it is.  The table and the machine it
@@ -39,6 +39,7 @@ BENCHMARKS = {
     "P3": "p3_churn.py",
     "P4": "p4_steady_state.py",
     "P5": "p5_startup.py",
+    "P6": "p6_vs_peers.py",
 }
 # The sink benchmarks that predate this runner: (script, arguments, smoke arguments).
 SINK_BENCHMARKS = [

@@ -51,3 +51,19 @@ def test_runner_writes_its_table_between_the_markers(tmp_path):
     text = readme.read_text()
     assert text.startswith("# Benchmarks\n\nhand-written part") and text.rstrip().endswith("tail")
     assert "OLD-TABLE" not in text and "| P2 |" in text and "kernel" in text
+
+
+@pytest.mark.root
+@as_root
+def test_head_to_head_checks_every_report_against_the_kernel(tmp_path):
+    """P6's smoke load (500 connections/s) is light enough for every event
+    listener: conntracct, ulogd2 and conntrack -E each report every finished
+    flow with the kernel's exact totals, and the flood reached the server."""
+    details = smoke("p6_vs_peers.py", tmp_path)["details"]
+    runs = {r["tool"]: r for r in details["churn"]}
+    assert set(runs) >= {"none", "conntracct", "conntracct-destroy", "ulogd2", "conntrack-E", "pmacctd"}
+    for name in ("conntracct", "conntracct-destroy", "ulogd2", "conntrack-E"):
+        run = runs[name]
+        assert run["kernel_destroys"] > 0 and run["reported"] == run["kernel_destroys"] and run["exact"], run
+        assert run["cpu_s"] >= 0 and run["rss_peak_kb"] > 0, run
+    assert all(r["received"] > 0 for r in details["forwarding"]), details["forwarding"]

@@ -12,7 +12,7 @@ import json
 from datetime import UTC, datetime
 from functools import lru_cache
 
-from ..flow import FLAG_NAMES, FlowEvent
+from ..flow import END_REASONS, FLAG_NAMES, FlowEvent
 
 
 def flag_names(flags: int) -> list[str]:
@@ -71,6 +71,7 @@ def _labels_json(labels: dict) -> str:
         return _ENCODE(labels)
 
 
+_END_REASON_JSON = {code: _STR(name) for code, name in END_REASONS.items()}
 _JSON_IDENTITY = object()   # json_line's key in FlowEvent.memo
 
 
@@ -109,6 +110,7 @@ def json_line(e: FlowEvent) -> str:
             f'"timestamp":{_time(e.ts_ns)},"timestamp_ns":{e.ts_ns:d},'
             f'"zone":{e.zone:d},"mark":{e.mark:d},"netns":{e.netns:d},"status":{e.status:d},'
             f'"tcp_state":{_STR(tcp_state) if tcp_state else "null"},"flags":{_flags_json(e.flags)},'
+            f'"end_reason":{_END_REASON_JSON.get(e.end_reason, "null")},'
             f'"labels":{_labels_json(e.labels) if e.labels else "{}"}')
     if e.icmp is not None:
         icmp_type, code, ident = e.icmp

@@ -45,6 +45,7 @@ def flow_record(event: FlowEvent) -> dict[str, Any]:
         "status": event.status,
         "tcp_state": event.tcp_state_name or None,
         "flags": flag_names(event.flags),
+        "end_reason": event.end_reason_name or None,
         "labels": event.labels,
     }
     if event.icmp is not None:

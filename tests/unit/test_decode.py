@@ -197,3 +197,29 @@ def test_records_of_one_flow_identity_share_one_memo():
     assert len({id(e.memo) for e in others}) == 3
     first.memo["x"] = 1
     assert first == reference_decode(record(kind=1), 0)   # memo is not part of the record
+
+
+def test_end_reason_is_the_ipfix_flow_end_reason():
+    """NEW: none; UPDATE: active timeout; DESTROY: end of flow when TCP closed
+    (FIN/RST states), forced end when its end went unseen, idle timeout else."""
+    from conntracct.flow import END_REASONS, FLAG_END_UNSEEN, TCP_STATES
+    from conntracct.probe.layout import RECORD_LAYOUT
+    tcp = pack_tuple(socket.AF_INET, 6, V4_A, V4_B, 40000, 80)
+    udp = pack_tuple(socket.AF_INET, 17, V4_A, V4_B, 40000, 53)
+
+    def reason(orig, kind, tcp_state=3, flags=0):
+        raw = bytearray(raw_record(orig, orig, kind=kind, flags=flags))
+        raw[RECORD_LAYOUT.offset("tcp_state")] = tcp_state
+        e = decode(bytes(raw), 0)
+        assert e.tcp_state == tcp_state
+        return END_REASONS.get(e.end_reason, e.end_reason)
+
+    assert reason(tcp, 1) == 0
+    assert reason(tcp, 2) == "active_timeout"
+    assert [reason(tcp, 3, TCP_STATES.index(s)) for s in ("fin_wait", "close_wait", "last_ack", "time_wait",
+                                                            "close")] == ["end_of_flow"] * 5
+    assert reason(tcp, 3, TCP_STATES.index("established")) == "idle_timeout"
+    assert reason(udp, 3, 0) == "idle_timeout"
+    assert reason(udp, 3, 0, FLAG_END_UNSEEN) == "forced_end"
+    e = decode(raw_record(udp, udp, kind=3, flags=FLAG_FIRST_SIGHT), 0)
+    assert first_sight_new(e).end_reason == 0 and e.end_reason == 1

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """What the netfilter-mode sweep costs per flow: one ctnetlink GET per swept
 flow against one table dump parsed leanly (ctnetlink.Table.present), the
-numbers behind source.py's choice between them.
+numbers behind probe/ends.py's choice between them.
 
     .venv/bin/python bench/sweep_cost.py [--flows 50000]
 

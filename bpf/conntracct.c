@@ -179,117 +179,213 @@ static __always_inline void remember_not_due(void *ct, u64 start_ns, u64 due_ns,
         *(volatile u64 *)&b->way[way] = tag | (u32)(jiffies + left - 1);
 }
 
+// -- the slow path, in steps: read the entry, filter, key, decide, fill the
+// record, update the state.  Every step is inlined into one program: the
+// names cost no instructions.
+
+#define CT_WORDS ((CT_READ_LEN + 7) / 8)
+
+// What the slow path reads through the nf_conn's extension pointer.
+struct ext_view {
+    u64 area;               // the extension area, 0 without one
+    u64 tstamp[2];          // start, stop (wall clock); 0 without a timestamp extension
+    u8 off[EXT_NUM];        // each extension's offset in the area, 0 if absent
+};
+
+// The kernel's counters (nf_conn_acct: packets and bytes of the original
+// direction, then of the reply) as totals: the one copy into a record or a
+// flow's state.
+static __always_inline void put_counters(u64 *packets, u64 *bytes, const u64 *acct) {
+    packets[0] = acct[0];
+    bytes[0] = acct[1];
+    packets[1] = acct[2];
+    bytes[1] = acct[3];
+}
+
+// Filter.  Unconfirmed entries may still be dropped without any end event;
+// they are accounted from their first packet after confirmation.  Dying ones
+// have been (or are being) reported as destroyed.
+static __always_inline int worth_accounting(u64 status, int destroy) {
+    if (!(status & (1UL << IPS_CONFIRMED_BIT)))
+        return 0;
+    return destroy || !(status & (1UL << IPS_DYING_BIT));
+}
+
+// The extension offsets and the timestamps (part of the flow's key); the
+// flags for the extensions that are missing.
+static __always_inline u8 read_extensions(const u8 *c, struct ext_view *e) {
+    u8 flags = 0;
+    e->area = *(u64 *)(c + CT_EXT);
+    if (e->area)
+        bpf_probe_read_kernel(e->off, sizeof(e->off), (void *)(e->area + EXT_OFFSET));
+    if (e->off[EXT_TSTAMP_ID])
+        bpf_probe_read_kernel(e->tstamp, sizeof(e->tstamp),
+                              (void *)(e->area + e->off[EXT_TSTAMP_ID] + TSTAMP_START));
+    else
+        flags |= FLAG_NO_TSTAMP;
+    if (!e->off[EXT_ECACHE_ID])
+        flags |= FLAG_NO_EVENTS;
+    return flags;
+}
+
+static __always_inline u8 read_counters(const struct ext_view *e, u64 *acct) {
+    if (!e->off[EXT_ACCT_ID])
+        return FLAG_NO_ACCT;
+    bpf_probe_read_kernel(acct, 4 * sizeof(u64), (void *)(e->area + e->off[EXT_ACCT_ID] + ACCT_COUNTER));
+    return 0;
+}
+
+static __always_inline void make_key(struct flow_key *key, const u8 *c, u64 start_ns) {
+    copy_tuple(&key->orig, c + CT_TUPLE_ORIG);
+    key->netns = netns_inum(*(u64 *)(c + CT_NET));
+    key->zone = *(u16 *)(c + CT_ZONE_ID);
+    key->start_ns = start_ns;
+}
+
+// Decide: KIND_DESTROY, KIND_UPDATE, KIND_NEW, or 0 when no record is due.
+// *st is the flow's state in the map (NULL if it has none), `fresh` the
+// state the record's deltas count from, *due the flow's next emission when
+// it has nothing due yet (the fast path's hint).
+static __always_inline u8 decide(struct flow_key *key, int destroy, u64 now, struct flow_state **stp,
+                                 struct flow_state *fresh, u8 *flags, u64 *due) {
+    struct flow_state *st = flows.lookup(key);
+    *stp = st;
+    if (destroy) {
+        if (st) {
+            *fresh = *st;
+            *flags |= fresh->flags;
+        } else
+            *flags |= FLAG_FIRST_SIGHT;
+        if (st && flows.delete(key) == 0)
+            count(STAT_STATE_DELETES);
+        return KIND_DESTROY;
+    }
+    if (!st) {
+        fresh->first_seen = now;
+        return KIND_NEW;
+    }
+    u64 next = st->next_emit;
+    if (now < next) {
+        *due = next;
+        return 0;
+    }
+    // Two CPUs may carry packets of one flow: only one emits the UPDATE.
+    if (__sync_val_compare_and_swap(&st->next_emit, next, now + 1000000000ULL) != next)
+        return 0;
+    *fresh = *st;
+    *flags |= fresh->flags;
+    return KIND_UPDATE;
+}
+
+// A flow seen for the first time: its state goes into the map.  Returns
+// KIND_NEW, KIND_TRACK (an old flow the agent must learn of anyway) or 0
+// (no record); *due is its first emission once it is in the map.
+static __always_inline u8 start_tracking(struct flow_key *key, struct flow_state *fresh, const u64 *acct,
+                                         u64 now, u64 age, u8 *flags, u64 *due) {
+    int backdated = key->start_ns ? key->start_ns < setting(SET_AGENT_START)
+                                  : setting(SET_STAMPED_SINCE_START);
+    if (backdated) {
+        // An old flow seen for the first time: no NEW, and its first
+        // UPDATE is spread over its interval so a restart on a busy
+        // host is not a burst.  Its deltas count from now.
+        u64 iv = update_interval(age);
+        fresh->next_emit = now + (bpf_get_prandom_u32() % (iv / 1000000 + 1)) * 1000000;
+        put_counters(fresh->packets, fresh->bytes, acct);
+        *flags |= FLAG_BACKDATED;
+        fresh->flags = FLAG_BACKDATED;
+    } else {
+        fresh->next_emit = now + update_interval(age);
+    }
+    int err = flows.insert(key, fresh);
+    if (err) {
+        if (err != -17)     // -EEXIST: another CPU saw it first
+            count(STAT_STATE_FULL);
+        return 0;
+    }
+    count(STAT_STATE_INSERTS);
+    *due = fresh->next_emit;
+    if (!backdated)
+        return KIND_NEW;
+    // In netfilter mode the agent must still learn of an old flow whose
+    // end ctnetlink will not report.
+    if (!TRACK_UNEVENTED || !(*flags & FLAG_NO_EVENTS))
+        return 0;
+    return KIND_TRACK;
+}
+
+static __always_inline void fill_record(struct flow_record *r, const u8 *c, const struct flow_key *key,
+                                        const struct ext_view *e, const struct flow_state *fresh,
+                                        const u64 *acct, u8 kind, u8 flags, u64 now) {
+    r->ts = now;
+    r->start_ns = e->tstamp[0];
+    r->stop_ns = e->tstamp[1];
+    r->first_seen = fresh->first_seen;
+    put_counters(r->packets, r->bytes, acct);
+    r->delta_packets[0] = acct[0] - fresh->packets[0];
+    r->delta_bytes[0] = acct[1] - fresh->bytes[0];
+    r->delta_packets[1] = acct[2] - fresh->packets[1];
+    r->delta_bytes[1] = acct[3] - fresh->bytes[1];
+    r->status = *(u64 *)(c + CT_STATUS);
+    r->orig = key->orig;
+    copy_tuple(&r->reply, c + CT_TUPLE_REPLY);
+    r->netns = key->netns;
+    r->mark = *(u32 *)(c + CT_MARK);
+    r->zone = key->zone;
+    r->kind = kind;
+    r->tcp_state = r->orig.proto == 6 ? c[CT_TCP_STATE] : 0;
+    r->flags = flags;
+    r->_pad[0] = r->_pad[1] = r->_pad[2] = 0;
+}
+
+// After a record: its totals are what the flow's next deltas count from.
+// Returns the flow's next emission (the fast path's hint).
+static __always_inline u64 update_state(u8 kind, struct flow_state *st, const struct flow_key *key,
+                                        const u64 *acct, u64 now, u64 age, u64 due) {
+    if (kind == KIND_UPDATE && st) {
+        due = now + update_interval(age);
+        st->next_emit = due;
+        put_counters(st->packets, st->bytes, acct);
+    } else if (kind == KIND_NEW) {      // never back-dated: start_tracking made those TRACK or nothing
+        struct flow_state *ins = flows.lookup(key);
+        if (ins)
+            put_counters(ins->packets, ins->bytes, acct);
+    }
+    return due;
+}
+
 // Reads one nf_conn and emits a record when one is due.  Returns the
 // flow's next emission time (and its start and the time now through the
 // pointers) when the fast path may skip its packets until then, else 0.
 static __always_inline u64 account_slow(void *ct, int destroy, u64 *hint_start, u64 *hint_now) {
-    u64 hint = 0;
-    u64 words[(CT_READ_LEN + 7) / 8];   // u64 array: aligned loads below
+    u64 words[CT_WORDS];    // u64 array: aligned loads from it
     u8 *c = (u8 *)words;
     if (bpf_probe_read_kernel(words, sizeof(words), ct))
-        return hint;
-    u64 status = *(u64 *)(c + CT_STATUS);
-    // Unconfirmed entries may still be dropped without any end event; they
-    // are accounted from their first packet after confirmation.  Dying ones
-    // have been (or are being) reported as destroyed.
-    if (!(status & (1UL << IPS_CONFIRMED_BIT)))
-        return hint;
-    if (!destroy && (status & (1UL << IPS_DYING_BIT)))
-        return hint;
-
-    // Extensions: their offsets, and the timestamps (part of the flow's key).
-    u64 ext = *(u64 *)(c + CT_EXT);
-    u8 ext_off[EXT_NUM] = {};
-    u64 tstamp[2] = {};     // start, stop
-    u8 flags = 0;
-    if (ext)
-        bpf_probe_read_kernel(ext_off, sizeof(ext_off), (void *)(ext + EXT_OFFSET));
-    if (ext_off[EXT_TSTAMP_ID])
-        bpf_probe_read_kernel(tstamp, sizeof(tstamp), (void *)(ext + ext_off[EXT_TSTAMP_ID] + TSTAMP_START));
-    else
-        flags |= FLAG_NO_TSTAMP;
-    if (!ext_off[EXT_ECACHE_ID])
-        flags |= FLAG_NO_EVENTS;
-
+        return 0;
+    if (!worth_accounting(*(u64 *)(c + CT_STATUS), destroy))
+        return 0;
+    struct ext_view e = {};
+    u8 flags = read_extensions(c, &e);
     struct flow_key key = {};
-    copy_tuple(&key.orig, c + CT_TUPLE_ORIG);
-    key.netns = netns_inum(*(u64 *)(c + CT_NET));
-    key.zone = *(u16 *)(c + CT_ZONE_ID);
-    key.start_ns = tstamp[0];
+    make_key(&key, c, e.tstamp[0]);
 
     u64 now = bpf_ktime_get_ns();
-    *hint_start = tstamp[0];
+    *hint_start = e.tstamp[0];
     *hint_now = now;
-    u8 kind;
-    struct flow_state *st = flows.lookup(&key);
+    struct flow_state *st = NULL;
     struct flow_state fresh = {};
-    if (destroy) {
-        kind = KIND_DESTROY;
-        if (st) {
-            fresh = *st;
-            flags |= fresh.flags;
-        } else
-            flags |= FLAG_FIRST_SIGHT;
-        if (st && flows.delete(&key) == 0)
-            count(STAT_STATE_DELETES);
-    } else if (st) {
-        u64 due = st->next_emit;
-        if (now < due)
-            return due;
-        // Two CPUs may carry packets of one flow: only one emits the UPDATE.
-        if (__sync_val_compare_and_swap(&st->next_emit, due, now + 1000000000ULL) != due)
-            return hint;
-        kind = KIND_UPDATE;
-        fresh = *st;
-        flags |= fresh.flags;
-    } else {
-        kind = KIND_NEW;
-        fresh.first_seen = now;
-    }
+    u64 due = 0;
+    u8 kind = decide(&key, destroy, now, &st, &fresh, &flags, &due);
+    if (!kind)
+        return due;
 
     u64 acct[4] = {};       // orig packets, orig bytes, reply packets, reply bytes
-    if (ext_off[EXT_ACCT_ID])
-        bpf_probe_read_kernel(acct, sizeof(acct), (void *)(ext + ext_off[EXT_ACCT_ID] + ACCT_COUNTER));
-    else
-        flags |= FLAG_NO_ACCT;
-
+    flags |= read_counters(&e, acct);
     u64 wall_now = now + setting(SET_WALL_OFFSET);
-    u64 age = tstamp[0] && wall_now > tstamp[0] ? wall_now - tstamp[0] : now - fresh.first_seen;
-
+    u64 age = e.tstamp[0] && wall_now > e.tstamp[0] ? wall_now - e.tstamp[0] : now - fresh.first_seen;
     if (kind == KIND_NEW) {
-        u64 agent_start = setting(SET_AGENT_START);
-        int backdated = tstamp[0] ? tstamp[0] < agent_start
-                                  : setting(SET_STAMPED_SINCE_START);
-        if (backdated) {
-            // An old flow seen for the first time: no NEW, and its first
-            // UPDATE is spread over its interval so a restart on a busy
-            // host is not a burst.  Its deltas count from now.
-            u64 iv = update_interval(age);
-            fresh.next_emit = now + (bpf_get_prandom_u32() % (iv / 1000000 + 1)) * 1000000;
-            fresh.packets[0] = acct[0];
-            fresh.bytes[0] = acct[1];
-            fresh.packets[1] = acct[2];
-            fresh.bytes[1] = acct[3];
-            flags |= FLAG_BACKDATED;
-            fresh.flags = FLAG_BACKDATED;
-        } else {
-            fresh.next_emit = now + update_interval(age);
-        }
-        int err = flows.insert(&key, &fresh);
-        if (err) {
-            if (err != -17)     // -EEXIST: another CPU saw it first
-                count(STAT_STATE_FULL);
-            return hint;
-        }
-        count(STAT_STATE_INSERTS);
-        hint = fresh.next_emit;
-        if (backdated) {
-            // In netfilter mode the agent must still learn of an old flow
-            // whose end ctnetlink will not report.
-            if (!TRACK_UNEVENTED || !(flags & FLAG_NO_EVENTS))
-                return hint;
-            kind = KIND_TRACK;
-        }
+        kind = start_tracking(&key, &fresh, acct, now, age, &flags, &due);
+        if (!kind)
+            return due;
     }
 
     struct flow_record *r = records.ringbuf_reserve(sizeof(struct flow_record));
@@ -297,49 +393,11 @@ static __always_inline u64 account_slow(void *ct, int destroy, u64 *hint_start, 
         count(STAT_RECORDS_LOST);
         if (st && kind == KIND_UPDATE)
             st->next_emit = now;    // retry with the next packet
-        return hint;
+        return due;
     }
-    r->ts = now;
-    r->start_ns = tstamp[0];
-    r->stop_ns = tstamp[1];
-    r->first_seen = fresh.first_seen;
-    r->packets[0] = acct[0];
-    r->bytes[0] = acct[1];
-    r->packets[1] = acct[2];
-    r->bytes[1] = acct[3];
-    r->delta_packets[0] = acct[0] - fresh.packets[0];
-    r->delta_bytes[0] = acct[1] - fresh.bytes[0];
-    r->delta_packets[1] = acct[2] - fresh.packets[1];
-    r->delta_bytes[1] = acct[3] - fresh.bytes[1];
-    r->status = status;
-    r->orig = key.orig;
-    copy_tuple(&r->reply, c + CT_TUPLE_REPLY);
-    r->netns = key.netns;
-    r->mark = *(u32 *)(c + CT_MARK);
-    r->zone = key.zone;
-    r->kind = kind;
-    r->tcp_state = r->orig.proto == 6 ? c[CT_TCP_STATE] : 0;
-    r->flags = flags;
-    r->_pad[0] = r->_pad[1] = r->_pad[2] = 0;
+    fill_record(r, c, &key, &e, &fresh, acct, kind, flags, now);
     records.ringbuf_submit(r, 0);
-
-    if (kind == KIND_UPDATE) {
-        hint = now + update_interval(age);
-        st->next_emit = hint;
-        st->packets[0] = acct[0];
-        st->bytes[0] = acct[1];
-        st->packets[1] = acct[2];
-        st->bytes[1] = acct[3];
-    } else if (kind == KIND_NEW && !(flags & FLAG_BACKDATED)) {
-        struct flow_state *ins = flows.lookup(&key);
-        if (ins) {
-            ins->packets[0] = acct[0];
-            ins->bytes[0] = acct[1];
-            ins->packets[1] = acct[2];
-            ins->bytes[1] = acct[3];
-        }
-    }
-    return hint;
+    return update_state(kind, st, &key, acct, now, age, due);
 }
 
 // `destroy` is set when the flow is being destroyed (kprobe/fentry modes).

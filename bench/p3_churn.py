@@ -24,10 +24,8 @@ show what the ring size does.
 
 from __future__ import annotations
 
-import ast
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -104,10 +102,11 @@ class EventFile:
 
 def agent_stats(stderr: str) -> tuple[dict, dict]:
     """(probe counters, stdout sink counters) the agent logs when it stops."""
-    probe = re.search(r"conntracct stopped: probe (\{.*\})", stderr)
-    sink = re.search(r"sink stdout: (\{.*\})", stderr)
-    return (ast.literal_eval(probe.group(1)) if probe else {},
-            ast.literal_eval(sink.group(1)) if sink else {})
+    from tests.integration.running_agent import exit_summary
+
+    if "conntracct stopped" not in stderr:
+        return {}, {}
+    return exit_summary(stderr, "probe"), exit_summary(stderr, "sink stdout")
 
 
 def mib(pages: int) -> str:

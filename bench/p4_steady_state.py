@@ -38,9 +38,7 @@ and two windows per case:
 
 from __future__ import annotations
 
-import ast
 import json
-import re
 import shutil
 import subprocess
 import sys
@@ -163,9 +161,9 @@ def run_case(case: str, n: int, seconds: float, poll_interval: float, steady_at:
                 time.sleep(max(0.0, opened + steady_at - time.monotonic()))
                 out["steady"] = window(topo, agent, seconds, poll_interval, period)
             agent.stop(timeout=120)
-            probe = re.search(r"conntracct stopped: probe (\{.*\})", agent.stderr)
-            out["agent_probe"] = ast.literal_eval(probe.group(1)) if probe else {}
-            out["agent_probe"].pop("programs", None)
+            from tests.integration.running_agent import exit_summary
+
+            out["agent_probe"] = exit_summary(agent.stderr) if "conntracct stopped" in agent.stderr else {}
         finally:
             if flows is not None:
                 flows.stop()

@@ -102,12 +102,19 @@ class RunningAgent:
             time.sleep(0.1)
 
 
-def probe_summary(stderr: str) -> dict[str, int]:
-    """The probe's counters from the agent's exit summary line
-    `probe (<mode>): name=value ...` (conntracct.selfmetrics.summary_lines)."""
-    match = re.search(r"probe \(\w+\): (.*)", stderr)
+def exit_summary(stderr: str, line: str = "probe") -> dict[str, int]:
+    """The counters of one line of the agent's exit summary
+    (conntracct.selfmetrics.summary_lines): `probe (<mode>): name=value ...`
+    for line="probe", `sink <name>: name=value ...` for line="sink <name>"."""
+    head = r"probe \(\w+\)" if line == "probe" else re.escape(line)
+    summary = stderr[stderr.rfind("conntracct stopped"):]   # not the warnings before it
+    match = re.search(rf"(?<!lost: ){head}: (.*)", summary)
     assert match, stderr
     return {name: int(value) for name, value in re.findall(r"(\w+)=(\d+)", match.group(1))}
+
+
+def probe_summary(stderr: str) -> dict[str, int]:
+    return exit_summary(stderr, "probe")
 
 
 def by_flow(records: list[dict]) -> dict[str, list[dict]]:

@@ -7,14 +7,12 @@ neither delay the others nor keep the agent from exiting 0 on SIGTERM."""
 
 from __future__ import annotations
 
-import ast
 import os
-import re
 import time
 
 import pytest
 
-from tests.integration.running_agent import RunningAgent
+from tests.integration.running_agent import RunningAgent, exit_summary
 from tests.netns import Topology
 from tests.servers.es_double import EsDouble
 from tests.servers.influx import free_port
@@ -96,7 +94,7 @@ def test_every_sink_receives_the_flows(influxd, victoria_metrics, prometheus_ser
                                            until=lambda s: sum(len(x["values"]) for x in s) >= len(records))
         assert sum(len(s["values"]) for s in exported) == len(records)
         # The dead sink's records were counted as dropped, not lost silently.
-        summary = ast.literal_eval(re.search(r"sink dead: (\{.*\})", agent.stderr).group(1))
+        summary = exit_summary(agent.stderr, "sink dead")
         assert summary["dropped"] > 0 and summary["emitted"] == 0
     finally:
         es.stop()

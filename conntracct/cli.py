@@ -24,6 +24,8 @@ def configured(path: str | None, mode: str | None):
         config = load_config(path)
     except ConfigError as e:
         fail(str(e))
+    for warning in config.warnings:   # what a conntracct (Go) file asked for and we left out
+        click.echo(f"conntracct: warning: {config.source}: {warning}", err=True)
     if mode:
         config.probe.mode = mode
     return config
@@ -90,6 +92,31 @@ def test(config_path: str | None, mode: str | None) -> None:
         fail(str(e))
     click.echo(text)
     sys.exit(0 if passed else 1)
+
+
+@main.group()
+def config() -> None:
+    """Configuration tools."""
+
+
+@config.command()
+@click.argument("path", metavar="FILE")
+def convert(path: str) -> None:
+    """Print FILE (e.g. a conntracct (Go) configuration) in this agent's own
+    format; what is left out is said in comments and on stderr."""
+    from pathlib import Path
+
+    from .compat import convert as convert_text
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+        converted, warnings = convert_text(text, path)
+    except OSError as e:
+        fail(f"{path}: cannot read the config file: {e.strerror}")
+    except ConfigError as e:
+        fail(str(e))
+    for warning in warnings:
+        click.echo(f"conntracct: warning: {path}: {warning}", err=True)
+    click.echo(converted, nl=False)
 
 
 @main.command()

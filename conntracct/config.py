@@ -8,6 +8,7 @@ sink registry (conntracct.sinks.SINKS) by the item's `type`.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -24,13 +25,12 @@ from pydantic import (
     model_validator,
 )
 
-from .enrichconfig import RESERVED_LABELS, EnrichConfig
+from . import compat
 from .configtypes import (
     NO_VALUE,
     ByteSize,
     ConfigError,
     Duration,
-    Network,
     PositiveDuration,
     StrictModel,
     config_errors,
@@ -38,6 +38,7 @@ from .configtypes import (
     seconds_text,
     seconds_to_ns,
 )
+from .enrichconfig import EnrichConfig
 from .sinks import SINKS
 from .sinks.base import SinkConfig
 
@@ -225,12 +226,18 @@ class Config(StrictModel):
                          BeforeValidator(lambda v: v.lower() if isinstance(v, str) else v)] = "info"
 
     _source: str = PrivateAttr("<built-in default>")
+    _warnings: list[str] = PrivateAttr(default_factory=list)
     _check_sinks = field_validator("sinks")(_check_sinks)
 
     @property
     def source(self) -> str:
         """Where the configuration came from: a path or '<built-in default>'."""
         return self._source
+
+    @property
+    def warnings(self) -> list[str]:
+        """What loading the file left out, one line each (conntracct.compat)."""
+        return self._warnings
 
 
 # -- loading -----------------------------------------------------------------
@@ -326,16 +333,20 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _describe(exc: ValidationError, source: str, root: yaml.Node | None) -> str:
-    located = [(_line_of(root, error["loc"]), error) for error in exc.errors(include_url=False)]
+def _describe(exc: ValidationError, source: str, root: yaml.Node | None,
+              original: Callable[[tuple], tuple] | None = None) -> str:
+    """Error lines; `original` maps a translated key path back to the file's."""
+    errors = exc.errors(include_url=False)
+    locs = [original(tuple(error["loc"])) if original else error["loc"] for error in errors]
+    located = [(_line_of(root, loc), loc, error) for loc, error in zip(locs, errors, strict=True)]
     located.sort(key=lambda item: item[0] or 0)   # in file order, as the user reads it
     return "\n".join(f"{source}{f':{line}' if line else ''}: "
-                     f"{_key_path(error['loc'])}: {_expected(error)}{_got(error)}"
-                     for line, error in located)
+                     f"{_key_path(loc)}: {_expected(error)}{_got(error)}"
+                     for line, loc, error in located)
 
 
-def parse_config(text: str, source: str = "<string>") -> Config:
-    """Validate YAML text; `source` names it in errors."""
+def read_yaml(text: str, source: str = "<string>") -> tuple[dict[str, Any], yaml.Node | None]:
+    """The top-level mapping of YAML text and its node tree (for error lines)."""
     loader = _Loader(text)
     try:
         root = loader.get_single_node()
@@ -352,11 +363,21 @@ def parse_config(text: str, source: str = "<string>") -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of keys at the top (got {_shown(data)})")
+    return data, root
+
+
+def parse_config(text: str, source: str = "<string>") -> Config:
+    """Validate YAML text; `source` names it in errors.  A conntracct (Go)
+    file is translated first (conntracct.compat); its warnings are kept in
+    Config.warnings and errors name the file's own keys."""
+    data, root = read_yaml(text, source)
+    translation = compat.translate(data) if compat.is_conntracct_format(data) else None
     try:
-        config = Config.model_validate(data)
+        config = Config.model_validate(translation.data if translation else data)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, source, root)) from None
+        raise ConfigError(_describe(exc, source, root, translation.original if translation else None)) from None
     config._source = source
+    config._warnings = translation.warnings if translation else []
     return config
 
 

@@ -38,10 +38,12 @@ class StrictModel(BaseModel):
         # users need the allowed keys and the likely typo.
         if not isinstance(data, dict):
             return data
-        allowed = sorted(cls.model_fields)
+        # A field's key in the file is its alias where it has one (`from`, a keyword).
+        keys = {field.alias or name for name, field in cls.model_fields.items()}
+        allowed = sorted(keys)
         unknown = []
         for key, value in data.items():
-            if key in cls.model_fields:
+            if key in keys:
                 continue
             close = difflib.get_close_matches(str(key), allowed, n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""

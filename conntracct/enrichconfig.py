@@ -21,7 +21,6 @@ Docs: docs/migrating.md (the Datadog ConnectionFilter mapping) and README.
 
 from __future__ import annotations
 
-import difflib
 import ipaddress
 from typing import Annotated, Any, Literal
 
@@ -133,22 +132,6 @@ class IgnoreRule(StrictModel):
     from_: Annotated[Network | None, Field(alias="from")] = None
     to: Network | None = None
     _text: str | None = PrivateAttr(None)   # the rule as written, for messages
-
-    @model_validator(mode="before")
-    @classmethod
-    def _reject_unknown_keys(cls, data: Any) -> Any:
-        # StrictModel's check, knowing that `from` is the key of `from_`.
-        if isinstance(data, dict):
-            allowed = sorted("from" if name == "from_" else name for name in cls.model_fields)
-            unknown = []
-            for key, value in data.items():
-                if key not in allowed:
-                    close = difflib.get_close_matches(str(key), allowed, n=1)
-                    hint = f" (did you mean '{close[0]}'?)" if close else ""
-                    unknown.append(((key,), f"unknown key{hint}; expected one of: {', '.join(allowed)}", value))
-            if unknown:
-                raise config_errors(unknown)
-        return data
 
     @model_validator(mode="after")
     def _names_something(self) -> IgnoreRule:

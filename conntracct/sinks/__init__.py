@@ -8,8 +8,10 @@ nothing at start-up.
 from __future__ import annotations
 
 from .base import ACCEPTED, PermanentSinkError, Sink, SinkConfig, TransientSinkError, WriteResult
+from .dummy import DummySink
 from .elasticsearch import ElasticsearchSink
 from .influxdb import InfluxDBSink
+from .influxdb_udp import InfluxDBUDPSink
 from .prometheus import PrometheusSink
 from .stdout import StdoutSink
 
@@ -19,6 +21,8 @@ SINKS: dict[str, type[Sink]] = {
     "elasticsearch": ElasticsearchSink,
     "prometheus": PrometheusSink,
     "influxdb": InfluxDBSink,
+    "dummy": DummySink,
+    "influxdb-udp": InfluxDBUDPSink,
 }
 
 

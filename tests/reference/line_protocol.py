@@ -26,43 +26,36 @@ class ReferenceFormatter(LineFormatter):
         return f"{self.series(e)} {self.fields(e)} {e.ts_ns}\n"
 
     def series(self, e):
-        o = e.orig
-        tags = [f"dst={o.dst}", f"family={ {4: 'ipv4', 6: 'ipv6'}.get(e.family, e.family)}",
-                f"protocol={e.proto_name}", f"src={o.src}"]
-        if e.proto in (6, 17, 33, 132, 136):
-            tags.append(f"dport={o.dport}")
+        """Tags as a mapping, sorted by key at the end: the plain way."""
+        o, r = e.orig, e.reply
+        tags = {"src": o.src, "dst": o.dst, "family": {4: "ipv4", 6: "ipv6"}.get(e.family, e.family),
+                "protocol": e.proto_name}
+        if e.proto_name in ("tcp", "udp", "dccp", "sctp", "udplite"):
+            tags["dport"] = o.dport
             if self._source_ports:
-                tags.append(f"sport={o.sport}")
+                tags["sport"] = o.sport
         if e.nat:
-            tags += [f"reply_dst={e.reply.dst}", f"reply_src={e.reply.src}"]
-        if e.zone:
-            tags.append(f"zone={e.zone}")
-        if e.netns:
-            tags.append(f"netns={e.netns}")
-        if e.mark:
-            tags.append(f"mark={e.mark:#x}")
+            tags.update(reply_src=r.src, reply_dst=r.dst)
+        optional = {"zone": e.zone, "netns": e.netns, "mark": e.mark and hex(e.mark)}
+        tags.update((key, value) for key, value in optional.items() if value)
         if self._flow_id_tag:
-            tags.append(f"flow_id={e.flow_id:016x}")
-        for key, value in e.labels.items():
-            tag = self._label(key, value)
-            if tag:
-                tags.append(tag)
-        tags.sort()
-        return f"{self._measurement},{','.join(tags)}"
+            tags["flow_id"] = format(e.flow_id, "016x")
+        texts = [f"{key}={value}" for key, value in tags.items()]
+        texts += [tag for key, value in e.labels.items() if (tag := self._label(key, value))]
+        return ",".join([self._measurement, *sorted(texts)])
 
     @staticmethod
     def fields(e):
-        finished = "true" if e.kind == DESTROY else "false"
-        if e.flags & FLAG_NO_ACCT:
-            fields = f"flow_id={e.flow_id}i,finished={finished}"
-        else:
-            fields = (f"packets_orig={e.packets_orig}i,bytes_orig={e.bytes_orig}i,"
-                      f"packets_reply={e.packets_reply}i,bytes_reply={e.bytes_reply}i,"
-                      f"delta_packets_orig={e.delta_packets_orig}i,delta_bytes_orig={e.delta_bytes_orig}i,"
-                      f"delta_packets_reply={e.delta_packets_reply}i,delta_bytes_reply={e.delta_bytes_reply}i,"
-                      f"flow_id={e.flow_id}i,finished={finished}")
-        if e.proto == 6:
-            fields += f',tcp_state="{e.tcp_state_name}"'
-        elif e.icmp is not None and e.proto in (1, 58):
-            fields += ",icmp_type={}i,icmp_code={}i,icmp_id={}i".format(*e.icmp)
-        return fields
+        """Fields as (name, text) pairs, in schema order."""
+        pairs = []
+        if not e.flags & FLAG_NO_ACCT:
+            pairs += [(name, f"{getattr(e, name)}i") for name in (
+                "packets_orig", "bytes_orig", "packets_reply", "bytes_reply", "delta_packets_orig",
+                "delta_bytes_orig", "delta_packets_reply", "delta_bytes_reply")]
+        pairs += [("flow_id", f"{e.flow_id}i"), ("finished", str(e.kind == DESTROY).lower())]
+        if e.proto_name == "tcp":
+            pairs.append(("tcp_state", f'"{e.tcp_state_name}"'))
+        elif e.icmp is not None and e.proto_name in ("icmp", "icmpv6"):
+            pairs += [(f"icmp_{name}", f"{value}i") for name, value in zip(("type", "code", "id"), e.icmp,
+                                                                          strict=True)]
+        return ",".join(f"{name}={text}" for name, text in pairs)

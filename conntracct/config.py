@@ -162,6 +162,14 @@ class SysctlConfig(StrictModel):
         return self
 
 
+class ConntrackConfig(StrictModel):
+    # Add the agent's own nftables table `inet conntracct` (one accept-only
+    # `ct state` rule in a chain hooked nowhere) so that conntrack tracks IPv4
+    # and IPv6 in the accounted namespace even when no rule there uses it;
+    # removed on exit (conntracct/nftable.py).  Off: the agent only warns.
+    ensure_tracking: bool = False
+
+
 # enrich: conntracct.enrichconfig (ignore rules, labels, range labels)
 
 
@@ -217,6 +225,7 @@ def _check_sinks(sinks: list[SinkConfig]) -> list[SinkConfig]:
 class Config(StrictModel):
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
     sysctl: SysctlConfig = Field(default_factory=SysctlConfig)
+    conntrack: ConntrackConfig = Field(default_factory=ConntrackConfig)
     # SerializeAsAny: dump each sink with its own model's keys.
     sinks: Annotated[list[Annotated[SerializeAsAny[SinkConfig], PlainValidator(parse_sink)]],
                      Field(default_factory=_default_sinks)]

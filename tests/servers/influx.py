@@ -41,6 +41,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def http(method: str, url: str, data: bytes | None = None, headers: dict | None = None,
          timeout: float = 10.0) -> tuple[int, bytes]:
     """(status, body) of one request; HTTP errors are answers, not exceptions."""
@@ -153,20 +159,33 @@ class Influxd(Server):
     """InfluxDB 1.x (Debian's 1.6.7): the v1 /write and /query API.
 
     With `auth=True` the HTTP API needs credentials; an admin user
-    (`admin_user`/`admin_password`) is created at the first start."""
+    (`admin_user`/`admin_password`) is created at the first start.  With
+    `udp_database`, its [[udp]] listener (line protocol datagrams) is on too,
+    on 127.0.0.1:`udp_port`, writing into that database (created by the
+    listener), in batches flushed every 50 ms."""
 
     binary = INFLUXD
     name = "influxd"
     admin_user, admin_password = "admin", "admin-secret"
 
-    def __init__(self, root=None, auth: bool = False):
+    def __init__(self, root=None, auth: bool = False, udp_database: str | None = None):
         super().__init__(root)
         self.auth = auth
+        self.udp_database = udp_database
         self.rpc_port = 0
+        self.udp_port = 0
         self._admin_created = False
 
     def choose_ports(self) -> None:
         self.port, self.rpc_port = free_port(), free_port()
+        self.udp_port = free_udp_port() if self.udp_database else 0
+
+    def _udp_section(self) -> str:
+        if not self.udp_database:
+            return "[[udp]]\n  enabled = false\n"
+        return (f'[[udp]]\n  enabled = true\n  bind-address = "127.0.0.1:{self.udp_port}"\n'
+                f'  database = "{self.udp_database}"\n  batch-size = 1000\n  batch-timeout = "50ms"\n'
+                '  read-buffer = 8388608\n')
 
     def config_text(self) -> str:
         # Every listener on 127.0.0.1; the optional services stay off.
@@ -209,9 +228,7 @@ bind-address = "127.0.0.1:{self.rpc_port}"
 [[opentsdb]]
   enabled = false
 
-[[udp]]
-  enabled = false
-
+{self._udp_section()}
 [continuous_queries]
   enabled = false
 """

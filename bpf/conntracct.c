@@ -282,8 +282,8 @@ static __always_inline u8 decide(struct flow_key *key, int destroy, u64 now, str
 // (no record); *due is its first emission once it is in the map.
 static __always_inline u8 start_tracking(struct flow_key *key, struct flow_state *fresh, const u64 *acct,
                                          u64 now, u64 age, u8 *flags, u64 *due) {
-    int backdated = key->start_ns ? key->start_ns < setting(SET_AGENT_START)
-                                  : setting(SET_STAMPED_SINCE_START);
+    u64 agent_start = setting(SET_AGENT_START);
+    int backdated = key->start_ns ? key->start_ns < agent_start : setting(SET_STAMPED_SINCE_START);
     if (backdated) {
         // An old flow seen for the first time: no NEW, and its first
         // UPDATE is spread over its interval so a restart on a busy
@@ -339,9 +339,9 @@ static __always_inline void fill_record(struct flow_record *r, const u8 *c, cons
 
 // After a record: its totals are what the flow's next deltas count from.
 // Returns the flow's next emission (the fast path's hint).
-static __always_inline u64 update_state(u8 kind, struct flow_state *st, const struct flow_key *key,
+static __always_inline u64 update_state(u8 kind, struct flow_state *st, struct flow_key *key,
                                         const u64 *acct, u64 now, u64 age, u64 due) {
-    if (kind == KIND_UPDATE && st) {
+    if (kind == KIND_UPDATE) {         // st is set: decide() returns UPDATE only for a flow in the map
         due = now + update_interval(age);
         st->next_emit = due;
         put_counters(st->packets, st->bytes, acct);

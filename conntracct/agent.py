@@ -8,7 +8,7 @@ import signal
 import threading
 import time
 
-from . import netns, selfmetrics, sysctl
+from . import netns, nssetup, privileges, selfmetrics, sysctl
 from .config import Config
 from .enrich import Enricher
 from .flow import FlowEvent
@@ -84,16 +84,22 @@ class Agent:
         self.source: FlowSource | None = None
         self.pipeline: Pipeline | None = None
         self._sysctls = sysctl.ConntrackSysctls()
+        # the accounted namespace: one agent, the ensure_tracking table, tracking checks
+        self.namespace = nssetup.NamespaceSetup(config.conntrack.ensure_tracking)
 
     def snapshot(self) -> dict:
         """Every stage's counters: the probe's, enrichment's and each sink's."""
         out = self.stats.snapshot()
         if self.source is not None:
             out["probe"] = self.source.stats()
+        out["conntrack"] = self.namespace.figures()
         return out
 
     def _start(self) -> None:
         cfg = self.config
+        lacking = privileges.problem(cfg.probe.netns)
+        if lacking:
+            raise EnvironmentProblem(lacking)
         try:
             self.pipeline = Pipeline.from_config(cfg.sinks, self.stats)
         except SinkError as e:
@@ -101,10 +107,13 @@ class Agent:
             raise EnvironmentProblem(str(e)) from None
         try:
             with netns.entered(cfg.probe.netns):
+                self.namespace.enter()
                 mode = self._choose_mode()
                 stamped = self._sysctls_ready()
         except netns.NetnsError as e:
             raise EnvironmentProblem(f"probe.netns: {e}") from None
+        except nssetup.SetupError as e:
+            raise EnvironmentProblem(str(e)) from None
         enrich = Enricher(cfg.enrich, self.stats.stage("enrich"))
         offer = self.pipeline.offer
 
@@ -150,9 +159,19 @@ class Agent:
         return sysctl.read(sysctl.TIMESTAMP) == 1
 
     def _restore_sysctls(self) -> None:
-        if self.config.sysctl.manage and self.config.sysctl.restore:
+        if self.config.sysctl.manage and self.config.sysctl.restore and self._sysctls.previous:
             with netns.entered(self.config.probe.netns):
                 self._sysctls.restore()
+
+    def _leave_namespace(self) -> None:
+        """Delete the ensure_tracking table, release the namespace's lock."""
+        if not self.namespace.active:
+            return
+        try:
+            with netns.entered(self.config.probe.netns):
+                self.namespace.leave()
+        except netns.NetnsError as e:
+            log.error("%s: could not clean up there", e)
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT (or self.stop); drain, flush, exit status 0."""
@@ -162,6 +181,7 @@ class Agent:
             self._start()
         except EnvironmentProblem:
             self._restore_sysctls()
+            self._leave_namespace()
             if self.pipeline is not None:
                 self.pipeline.close(0)
             raise
@@ -175,6 +195,7 @@ class Agent:
                 log.error("flow reader stopped unexpectedly; shutting down")
                 break
             losses.check(self.snapshot)
+            self.namespace.poll()
         self.stop.set()
         return self._shutdown(reader)
 
@@ -186,6 +207,7 @@ class Agent:
         self.source.close()
         self.pipeline.close(max(0.0, deadline - (time.monotonic() - started)))
         self._restore_sysctls()
+        self._leave_namespace()
         # The sinks' counters after the drain; the probe's as it stopped.
         summary.update(self.stats.snapshot())
         log.info("conntracct stopped")

@@ -43,13 +43,22 @@ def main() -> None:
     conntrack counters, read by an eBPF probe and sent to sinks."""
 
 
+ensure_tracking_option = click.option(
+    "--ensure-tracking", is_flag=True,
+    help="set conntrack.ensure_tracking: add the nftables table `inet conntracct` (an accept-only "
+         "ct state rule) while the agent runs, so conntrack tracks traffic where no rule uses it")
+
+
 @main.command()
 @config_option
 @mode_option
-def run(config_path: str | None, mode: str | None) -> None:
+@ensure_tracking_option
+def run(config_path: str | None, mode: str | None, ensure_tracking: bool) -> None:
     """Run the agent until SIGINT/SIGTERM, then drain the sinks and exit 0."""
     from .agent import Agent, EnvironmentProblem
     config = configured(config_path, mode)
+    if ensure_tracking:
+        config.conntrack.ensure_tracking = True
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

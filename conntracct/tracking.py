@@ -144,7 +144,7 @@ class Tracker:
         """Packets (received, forwarded or sent) per family so far, in the namespace."""
         self._snmp.seek(0)
         lines = [line.split() for line in self._snmp.read().decode().splitlines() if line.startswith("Ip:")]
-        ip = dict(zip(lines[0][1:], (int(v) for v in lines[1][1:]))) if len(lines) >= 2 else {}
+        ip = dict(zip(lines[0][1:], (int(v) for v in lines[1][1:]), strict=True)) if len(lines) >= 2 else {}
         out = {"ipv4": ip.get("InReceives", 0) + ip.get("OutRequests", 0), "ipv6": 0}
         if self._snmp6 is not None:
             self._snmp6.seek(0)

@@ -8,8 +8,11 @@
             topo.flush()
         [ev] = find_flows(cap.events, proto="tcp", orig_sport=t.sport)
 
-See topology.py (namespaces, conntrack access), traffic.py (TCP/UDP/ICMP
-flows), churn.py (many short flows per second) and conntrack.py (parsing).
+The namespaces themselves (address plan, ruleset, sysctls, link wait,
+removal) are the package's namespace lab, conntracct/lab, shared with
+`conntracct test`.  Here: topology.py (the tests' Topology on that lab,
+processes and conntrack access), traffic.py (TCP/UDP/ICMP flows), churn.py
+(many short flows per second) and conntrack.py (parsing).
 """
 
 from .churn import ChurnResult, build_churn

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator
 
 from ..configtypes import NO_VALUE, ConfigError, StrictModel, config_errors, resolve_secret
-from ..flow import IPPROTO_NAMES
+from ..flow import IPPROTO_NAMES, FlowEvent
 
 # Protocols whose tuples carry ports (the rest have 0 there): by name from
 # flow.IPPROTO_NAMES, the one table of protocol numbers and names.
@@ -28,6 +28,17 @@ def endpoint(addr: str, port: int | None = None) -> str:
     if port is None:
         return addr
     return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+def remote_endpoint(event: FlowEvent) -> tuple[str, int]:
+    """(address, port) of the flow's remote end: for an inbound flow its
+    source with the local service's port (conntrack_exporter's host label),
+    else where the flow really ends (the reply tuple's source, after DNAT).
+    Needs the enricher's `direction` label; the Prometheus sink's per-host
+    series and the conntrack_exporter log line both use it."""
+    if event.labels.get("direction") == "inbound":
+        return event.orig.src, event.orig.dport
+    return event.reply.src, event.reply.sport
 
 
 # -- TLS -----------------------------------------------------------------------

@@ -105,6 +105,8 @@ _TUPLES_AT = RECORD_LAYOUT.offset("orig")
 _IDENTITY = RECORD_LAYOUT.span("orig", "zone")
 _ORIG = RECORD_LAYOUT.span("orig")
 _new = object.__new__
+# Kind code -> (name, flow.end_reason() when it depends on the kind alone, else None).
+_KINDS = {code: (name, None if name == DESTROY else end_reason(name, 0, 0, 0)) for code, name in KIND_CODES.items()}
 FLOW_MEMO_LIMIT = 16384   # flows; past it the memo starts over (bounded memory)
 _flows: dict[bytes, tuple] = {}
 
@@ -141,12 +143,25 @@ def decode(raw: bytes, wall_offset_ns: int) -> FlowEvent:
         _flows[key] = known
     e = _new(FlowEvent)
     _, e.flow_id, e.family, e.proto, e.orig, e.reply, e.icmp, e.memo = known
-    e.kind = kind_name = KIND_CODES[kind]
-    e.packets_orig, e.bytes_orig, e.packets_reply, e.bytes_reply = po, bo, pr, br
-    e.delta_packets_orig, e.delta_bytes_orig, e.delta_packets_reply, e.delta_bytes_reply = dpo, dbo, dpr, dbr
-    e.start_ns, e.stop_ns, e.ts_ns = start, stop, ts + wall_offset_ns
-    e.zone, e.mark, e.netns, e.status, e.tcp_state, e.flags = zone, mark, netns, status, tcp_state, flags
-    e.end_reason = end_reason(kind_name, e.proto, tcp_state, flags)
+    e.kind, reason = _KINDS[kind]
+    e.packets_orig = po
+    e.bytes_orig = bo
+    e.packets_reply = pr
+    e.bytes_reply = br
+    e.delta_packets_orig = dpo
+    e.delta_bytes_orig = dbo
+    e.delta_packets_reply = dpr
+    e.delta_bytes_reply = dbr
+    e.start_ns = start
+    e.stop_ns = stop
+    e.ts_ns = ts + wall_offset_ns
+    e.zone = zone
+    e.mark = mark
+    e.netns = netns
+    e.status = status
+    e.tcp_state = tcp_state
+    e.flags = flags
+    e.end_reason = end_reason(DESTROY, e.proto, tcp_state, flags) if reason is None else reason
     e.labels = {}
     return e
 

@@ -223,3 +223,22 @@ def test_end_reason_is_the_ipfix_flow_end_reason():
     assert reason(udp, 3, 0, FLAG_END_UNSEEN) == "forced_end"
     e = decode(raw_record(udp, udp, kind=3, flags=FLAG_FIRST_SIGHT), 0)
     assert first_sight_new(e).end_reason == 0 and e.end_reason == 1
+
+
+def test_pack_record_puts_each_field_where_decode_reads_it():
+    """Flow ends are packed by field name (record.pack_record) and decoded like probe records."""
+    from conntracct.flow import FLAG_END_UNSEEN
+    from conntracct.probe.record import mirror_tuple, pack_record
+    orig = pack_tuple(socket.AF_INET6, 17, V6_A, V6_B, 5353, 53)
+    raw = pack_record(kind="destroy", orig=orig, reply=mirror_tuple(orig), netns=11, zone=12, start_ns=13,
+                      stop_ns=14, first_seen=15, ts=16, packets=(17, 18), bytes=(19, 20), delta_packets=(21, -1),
+                      delta_bytes=(23, 24), status=25, mark=26, tcp_state=0, flags=FLAG_END_UNSEEN)
+    e = decode(raw, 1000)
+    assert (e.kind, e.netns, e.zone, e.start_ns, e.stop_ns, e.ts_ns) == ("destroy", 11, 12, 13, 14, 1016)
+    assert (e.packets_orig, e.packets_reply, e.bytes_orig, e.bytes_reply) == (17, 18, 19, 20)
+    assert (e.delta_packets_orig, e.delta_packets_reply, e.delta_bytes_orig, e.delta_bytes_reply) == (
+        21, 2**64 - 1, 23, 24)     # a u64 difference wraps, as in the probe
+    assert (e.status, e.mark, e.flags, e.end_reason) == (25, 26, FLAG_END_UNSEEN, 4)
+    assert e.orig == ("2001:db8:1::2", "2001:db8:2::2", 5353, 53)
+    assert e.reply == ("2001:db8:2::2", "2001:db8:1::2", 53, 5353)
+    assert e.flow_id == flow_id(orig, 12, 11, 13) and e == reference_decode(raw, 1000)

@@ -77,7 +77,7 @@ def check(config_path: str | None, mode: str | None) -> None:
     config = configured(config_path, mode)
     try:
         with entered(config.probe.netns):   # netfilter links are per namespace
-            text, usable = report(config.probe.mode)
+            text, usable = report(config.probe.mode, config.conntrack.ensure_tracking)
     except NetnsError as e:
         fail(f"probe.netns: {e}")
     click.echo(text)

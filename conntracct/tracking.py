@@ -51,8 +51,8 @@ LABEL = {"ipv4": "IPv4", "ipv6": "IPv6"}
 _ICMP6_KEPT = ("Icmp6InEchos", "Icmp6InEchoReplies", "Icmp6OutEchos", "Icmp6OutEchoReplies")
 
 FIX = ("set conntrack.ensure_tracking: true (or run `conntracct run --ensure-tracking`): the agent then "
-       "adds an accept-only nftables table `inet conntracct` while it runs; or add a rule that uses "
-       "conntrack yourself, e.g. `nft add rule inet filter input ct state established accept`")
+       "adds an accept-only nftables table `inet conntracct` while it runs; or use conntrack in your "
+       "own ruleset (any rule matching `ct state`, or NAT)")
 
 
 @dataclass

@@ -31,22 +31,8 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "sockaddr.h"      /* tests/netns: parse_addr */
+#include "helper.h"      /* tests/netns: parse_addr, now, stop_flag, helper_init */
 
-static volatile sig_atomic_t stop_flag;
-
-static void on_signal(int sig)
-{
-    (void)sig;
-    stop_flag = 1;
-}
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
 
 static int parse_dest(const char *spec, struct sockaddr_storage *ss, socklen_t *len)
 {
@@ -295,11 +281,7 @@ static int client(long n, double interval, double duration, int size, int ndest,
 
 int main(int argc, char **argv)
 {
-    signal(SIGPIPE, SIG_IGN);
-    struct sigaction sa = {.sa_handler = on_signal};
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGINT, &sa, NULL);
-    setvbuf(stdout, NULL, _IOLBF, 0);
+    helper_init();
     raise_nofile(1 << 20);
     if (argc >= 3 && !strcmp(argv[1], "server"))
         return server(argc - 2, argv + 2);

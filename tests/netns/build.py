@@ -42,7 +42,7 @@ def compile_c(source: str, *, shared: bool = False, libs: tuple[str, ...] = (),
         stem = Path(source).stem
         out = _dir / (f"lib{stem}.so" if shared else stem)
         flags = ["-shared", "-fPIC"] if shared else []
-        # -I HERE: the helpers share tests/netns/sockaddr.h (bench/flows.c too).
+        # -I HERE: the helpers share tests/netns/helper.h (bench/flows.c too).
         proc = subprocess.run([cc, "-O2", "-Wall", "-I", str(HERE), *flags, "-o", str(out), str(HERE / source),
                                *libs],
                               capture_output=True, text=True)

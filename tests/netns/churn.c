@@ -34,7 +34,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "sockaddr.h"
+#include "helper.h"      /* tests/netns: parse_addr, now, stop_flag, helper_init */
 
 enum { ST_FREE = 0, ST_CONNECTING, ST_WAIT_EOF, ST_WAIT_REPLY, ST_SERVER };
 
@@ -46,23 +46,9 @@ struct slot {
 static struct slot *slots;
 static int max_fds;
 static int hi_fd; /* highest fd ever used by a flow, bounds the sweeps */
-static volatile sig_atomic_t stop_flag;
 
 #define NERR 256
 static unsigned long err_counts[NERR];
-
-static double now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
-
-static void on_signal(int sig)
-{
-    (void)sig;
-    stop_flag = 1;
-}
 
 static void count_err(int e)
 {
@@ -418,12 +404,8 @@ static int client(struct client_cfg *cfg)
 
 int main(int argc, char **argv)
 {
-    signal(SIGPIPE, SIG_IGN);
-    struct sigaction sa = {.sa_handler = on_signal};
-    sigaction(SIGTERM, &sa, NULL);
-    sigaction(SIGINT, &sa, NULL);
+    helper_init();
     raise_nofile();
-    setvbuf(stdout, NULL, _IOLBF, 0);
 
     if (argc == 4 && !strcmp(argv[1], "tcp-server"))
         return tcp_server(argv[2], atoi(argv[3]));

@@ -49,6 +49,14 @@ def _payload(n: int) -> bytes:
 
 
 # --------------------------------------------------------------------- TCP
+def _read_to_eof(sock: socket.socket) -> int:
+    """Bytes read until the peer closes its side."""
+    received = 0
+    while chunk := sock.recv(65536):
+        received += len(chunk)
+    return received
+
+
 def tcp_server(a: argparse.Namespace) -> None:
     ls = socket.socket(_family(a.bind), socket.SOCK_STREAM)
     ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -58,12 +66,7 @@ def tcp_server(a: argparse.Namespace) -> None:
     _ready()
     conn, peer = ls.accept()
     conn.settimeout(a.timeout)
-    received = 0
-    while True:
-        chunk = conn.recv(65536)
-        if not chunk:
-            break
-        received += len(chunk)
+    received = _read_to_eof(conn)
     if a.reply:
         conn.sendall(_payload(a.reply))
     conn.close()
@@ -94,12 +97,7 @@ def tcp_client(a: argparse.Namespace) -> None:
     if a.send:
         s.sendall(_payload(a.send))
     s.shutdown(socket.SHUT_WR)
-    received = 0
-    while True:
-        chunk = s.recv(65536)
-        if not chunk:
-            break
-        received += len(chunk)
+    received = _read_to_eof(s)
     retransmitted = _bytes_retransmitted(s)
     s.close()
     _emit({"sport": sport, "sent": a.send, "received": received,

@@ -1,0 +1,64 @@
+/* What the C traffic helpers (tests/netns/churn.c, bench/flows.c) share:
+ * the address parser, the monotonic clock, the stop flag SIGTERM/SIGINT set
+ * and the start-up.  tests/netns/build.py compiles with -I tests/netns. */
+#ifndef CTA_HELPER_H
+#define CTA_HELPER_H
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <time.h>
+
+static volatile sig_atomic_t stop_flag;
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    stop_flag = 1;
+}
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+/* SIGPIPE ignored (a peer's reset is counted, not fatal), SIGTERM and SIGINT
+ * set stop_flag, stdout line-buffered (the harness reads JSON lines). */
+static void helper_init(void)
+{
+    signal(SIGPIPE, SIG_IGN);
+    struct sigaction sa = {.sa_handler = on_signal};
+    sigaction(SIGTERM, &sa, NULL);
+    sigaction(SIGINT, &sa, NULL);
+    setvbuf(stdout, NULL, _IOLBF, 0);
+}
+
+/* The address family; exits 2 on an address that is neither. */
+static int parse_addr(const char *s, int port, struct sockaddr_storage *ss, socklen_t *len)
+{
+    memset(ss, 0, sizeof(*ss));
+    struct sockaddr_in *a4 = (struct sockaddr_in *)ss;
+    struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)ss;
+    if (inet_pton(AF_INET, s, &a4->sin_addr) == 1) {
+        a4->sin_family = AF_INET;
+        a4->sin_port = htons(port);
+        *len = sizeof(*a4);
+        return AF_INET;
+    }
+    if (inet_pton(AF_INET6, s, &a6->sin6_addr) == 1) {
+        a6->sin6_family = AF_INET6;
+        a6->sin6_port = htons(port);
+        *len = sizeof(*a6);
+        return AF_INET6;
+    }
+    fprintf(stderr, "bad address %s\n", s);
+    exit(2);
+}
+
+#endif

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import click
@@ -49,16 +50,26 @@ ensure_tracking_option = click.option(
          "ct state rule) while the agent runs, so conntrack tracks traffic where no rule uses it")
 
 
+netns_option = click.option("--netns", metavar="PATH",
+                            help="override probe.netns: account this network namespace "
+                                 "(/var/run/netns/NAME, /proc/PID/ns/net); sinks stay in the agent's")
+
+
 @main.command()
 @config_option
 @mode_option
 @ensure_tracking_option
-def run(config_path: str | None, mode: str | None, ensure_tracking: bool) -> None:
+@netns_option
+def run(config_path: str | None, mode: str | None, ensure_tracking: bool, netns: str | None) -> None:
     """Run the agent until SIGINT/SIGTERM, then drain the sinks and exit 0."""
     from .agent import Agent, EnvironmentProblem
     config = configured(config_path, mode)
     if ensure_tracking:
         config.conntrack.ensure_tracking = True
+    if netns is not None:
+        if not os.path.exists(netns):
+            fail(f"--netns {netns}: no such file (expected a namespace such as /var/run/netns/NAME)")
+        config.probe.netns = netns
     logging.basicConfig(level=config.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:

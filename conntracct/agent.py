@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import logging
+import os
 import signal
 import threading
 import time
 
-from . import netns, nssetup, privileges, selfmetrics, sysctl
+from . import instance, netns, nssetup, privileges, selfmetrics, sysctl
 from .config import Config
 from .enrich import Enricher
 from .flow import FlowEvent
 from .pipeline import Pipeline
+from .probe import bpfsys
 from .probe.footprint import release_compiler_memory
 from .probe.loader import ProbeError, ProbeSettings
 from .probe.modes import choose_mode
@@ -130,6 +133,10 @@ class Agent:
                                      netlink_rcvbuf=int(cfg.probe.netlink_rcvbuf),
                                      sweep_interval_s=cfg.probe.sweep_interval, netns_path=cfg.probe.netns)
         except ProbeError as e:
+            if os.strerror(errno.EBUSY) in str(e):
+                with netns.entered(cfg.probe.netns):
+                    cause = instance.busy_cause(netns.inode(), bpfsys.PRIORITY_AFTER_CONNTRACK)
+                raise EnvironmentProblem(f"{e}: {cause}") from None
             raise EnvironmentProblem(f"{e}. `conntracct check` shows what this kernel allows.") from None
         tune_garbage_collector()    # first: see its docstring
         release_compiler_memory()   # BCC's LLVM is not needed once the probe is attached

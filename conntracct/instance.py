@@ -95,3 +95,15 @@ class InstanceLock:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def busy_cause(inode: int, priority: int) -> str:
+    """Why a BPF netfilter link at `priority` got EBUSY in this namespace:
+    the kernel allows one BPF program per hook and priority."""
+    pid = holder(inode)
+    if pid:
+        who = f"pid {pid}" if pid > 0 else "a process"
+        return (f"its hooks at priority {priority} are held by another conntracct ({who}) accounting this "
+                f"network namespace; one BPF netfilter program per hook and priority is allowed")
+    return (f"another BPF netfilter program holds priority {priority} at this hook (another conntracct whose "
+            f"lock is not in {lock_dir()}, or another tool): one BPF program per hook and priority is allowed")

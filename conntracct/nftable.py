@@ -28,7 +28,9 @@ deleted on exit.
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -62,17 +64,36 @@ def ruleset(pid: int) -> str:
 
 
 def present() -> bool:
-    return _nft(None, "list", "table", FAMILY, TABLE).returncode == 0
+    return owner() is not None
 
 
-def install(pid: int) -> bool:
-    """Add (or replace) the table in the calling thread's namespace.
-    True if a table of that name was there before (left by a crash)."""
-    leftover = present()
+def owner() -> int | None:
+    """The pid in the comment of the table there now (0: no pid), None: no table."""
+    proc = _nft(None, "list", "table", FAMILY, TABLE)
+    if proc.returncode != 0:
+        return None
+    m = re.search(r"added by conntracct \(pid (\d+)", proc.stdout)
+    return int(m[1]) if m else 0
+
+
+def _alive_agent(pid: int) -> bool:
+    try:
+        return b"conntracct" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
+def install(pid: int) -> str:
+    """Add the table in the calling thread's namespace.  Returns "added";
+    "replaced" when one was left by an agent that is gone (SIGKILL, crash);
+    or "kept" when another running agent added it (it stays that agent's)."""
+    before = owner()
+    if before and before != pid and _alive_agent(before):
+        return "kept"
     proc = _nft(ruleset(pid))
     if proc.returncode != 0:
         raise NftError(f"cannot add nftables table {SPEC}: {proc.stderr.strip() or proc.returncode}")
-    return leftover
+    return "added" if before is None else "replaced"
 
 
 def remove() -> None:

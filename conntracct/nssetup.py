@@ -55,14 +55,18 @@ class NamespaceSetup:
 
     def _add_table(self) -> None:
         try:
-            leftover = nftable.install(os.getpid())
+            done = nftable.install(os.getpid())
         except nftable.NftError as e:
             raise SetupError(f"conntrack.ensure_tracking: {e}") from None
+        if done == "kept":
+            log.info("conntrack.ensure_tracking: nftables table %s is already there, added by the conntracct "
+                     "with pid %s, which still runs: left to it", nftable.SPEC, nftable.owner())
+            return
         self.table_added = True
         log.info("conntrack.ensure_tracking: added nftables table %s (one accept-only `ct state` rule in a chain "
                  "hooked nowhere, no policy) so that conntrack tracks IPv4 and IPv6 in this network namespace; "
                  "it is deleted when the agent exits%s", nftable.SPEC,
-                 " (replaced one left by an agent that did not exit cleanly)" if leftover else "")
+                 " (replaced one left by an agent that did not exit cleanly)" if done == "replaced" else "")
 
     def poll(self) -> None:
         if self.watch is not None:

@@ -162,6 +162,24 @@ def test_second_agent_exits_2_naming_the_first(topo):
     assert first.stop() == 0
 
 
+@pytest.mark.skipif(TEST_MODE != "netfilter", reason="EBUSY is the netfilter hooks' (kprobes can be shared)")
+def test_second_agent_without_the_lock_names_the_busy_hook(topo, tmp_path):
+    """A second agent whose lock directory differs (or another BPF program at
+    the probe's priority) meets EBUSY: it exits 2 saying who holds the hooks,
+    and leaves the first agent's table alone."""
+    first = server_agent(topo, ensure_tracking=True)
+    env = dict(os.environ, RUNTIME_DIRECTORY=str(tmp_path))
+    second = subprocess.run([sys.executable, "-m", "conntracct", "run", "-c", str(first.config_path)],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert second.returncode == 2, second.stderr
+    assert "Device or resource busy" in second.stderr and "6.4" not in second.stderr, second.stderr
+    assert f"held by another conntracct (pid {first.proc.pid})" in second.stderr, second.stderr
+    assert "left to it" in second.stderr                       # the table stays the first agent's
+    assert TABLE in server_tables(topo)
+    assert first.stop() == 0
+    assert TABLE not in server_tables(topo)
+
+
 def test_check_beside_a_running_agent(topo):
     agent = server_agent(topo, ensure_tracking=True)
     check = conntracct("check", "-c", str(agent.config_path))

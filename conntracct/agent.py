@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 
 from . import instance, netns, nssetup, privileges, selfmetrics, sysctl
 from .config import Config
@@ -80,8 +81,10 @@ class LossWatch:
 
 
 class Agent:
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, consumer: Callable[[FlowEvent], None] | None = None):
         self.config = config
+        # Where enriched records go instead of the sinks' queues (conntracct top).
+        self._consumer = consumer
         self.stats = Stats()
         self.stop = threading.Event()
         self.source: FlowSource | None = None
@@ -118,7 +121,7 @@ class Agent:
         except nssetup.SetupError as e:
             raise EnvironmentProblem(str(e)) from None
         enrich = Enricher(cfg.enrich, self.stats.stage("enrich"))
-        offer = self.pipeline.offer
+        offer = self._consumer or self.pipeline.offer
 
         def emit(event: FlowEvent) -> None:
             enriched = enrich(event)

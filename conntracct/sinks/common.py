@@ -1,5 +1,5 @@
-"""What sinks share: endpoint text, the protocols with ports, TLS options,
-URL validation and secrets read from the environment.
+"""What sinks share: endpoint text (written and parsed), the protocols with
+ports, TLS options, URL validation and secrets read from the environment.
 
 Sinks import these from here and never from each other, so a sink can be
 added or removed without touching another one.
@@ -7,7 +7,9 @@ added or removed without touching another one.
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 from collections.abc import Callable
 from typing import Annotated, Any
 from urllib.parse import urlsplit
@@ -39,6 +41,38 @@ def remote_endpoint(event: FlowEvent) -> tuple[str, int]:
     if event.labels.get("direction") == "inbound":
         return event.orig.src, event.orig.dport
     return event.reply.src, event.reply.sport
+
+
+_HOST_PORT = re.compile(r"(?:\[(?P<v6>[^\[\]]+)\]|(?P<host>[^\s:\[\]/]+))(?::(?P<port>\d{1,5}))?")
+_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+
+
+def host_port(value: str, hint: str, default_port: int | None = None, min_port: int = 1) -> tuple[str, int]:
+    """'192.0.2.1:80' / '[2001:db8::1]:80' / 'name:80' (or without ':port'
+    when there is a `default_port`) -> (host, port).  `hint` ("expected
+    host:port such as ...") is the error's advice."""
+    match = _HOST_PORT.fullmatch(value.strip())
+    if match is None or (match["port"] is None and default_port is None):
+        raise ValueError(hint + (" (IPv6 addresses in brackets)" if value.count(":") > 1 else ""))
+    port = int(match["port"]) if match["port"] is not None else default_port
+    if not min_port <= port <= 65535:
+        raise ValueError(f"expected a port from {min_port} to 65535" + (" (0: any free port)" if min_port == 0 else "")
+                         + f", got {port}")
+    if match["v6"] is not None:
+        try:
+            ipaddress.IPv6Address(match["v6"])
+        except ValueError:
+            raise ValueError(f"expected an IPv6 address between the brackets; {hint}") from None
+        return match["v6"], port
+    host = match["host"]
+    if re.fullmatch(r"[0-9.]+", host):   # digits and dots: meant as an IPv4 address
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ValueError(f"expected an IPv4 address, got {host!r}; {hint}") from None
+    elif not _HOSTNAME.fullmatch(host):
+        raise ValueError(f"expected an IP address or host name, got {host!r}; {hint}")
+    return host, port
 
 
 # -- TLS -----------------------------------------------------------------------

@@ -36,7 +36,6 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
-import re
 import socket
 import threading
 import time
@@ -49,7 +48,7 @@ from .. import __version__, selfmetrics
 from ..configtypes import Network, PositiveDuration, config_errors
 from ..flow import DESTROY, FLAG_NO_ACCT, FlowEvent
 from .base import PermanentSinkError, Sink, SinkConfig
-from .common import PORT_PROTOS, endpoint
+from .common import PORT_PROTOS, endpoint, host_port
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -88,25 +87,12 @@ def state_bucket(event: FlowEvent) -> int:
 
 # -- config --------------------------------------------------------------------
 
-_LISTEN = re.compile(r"(?:\[(?P<v6>[^\[\]]+)\]|(?P<host>[^\s:\[\]/]+)):(?P<port>\d{1,5})")
 LISTEN_HINT = "expected host:port such as 127.0.0.1:9318, 0.0.0.0:9318 or [::1]:9318"
 
 
 def parse_listen(value: str) -> tuple[str, int]:
-    """'127.0.0.1:9318' / '[::1]:9318' / 'localhost:9318' -> (host, port)."""
-    match = _LISTEN.fullmatch(value.strip())
-    if match is None:
-        raise ValueError(LISTEN_HINT + (" (IPv6 addresses in brackets)" if value.count(":") > 1 else ""))
-    port = int(match["port"])
-    if port > 65535:
-        raise ValueError("expected a port from 0 to 65535 (0: any free port)")
-    if match["v6"] is not None:
-        try:
-            ipaddress.IPv6Address(match["v6"])
-        except ValueError:
-            raise ValueError(f"expected an IPv6 address between the brackets; {LISTEN_HINT}") from None
-        return match["v6"], port
-    return match["host"], port
+    """'127.0.0.1:9318' / '[::1]:9318' / 'localhost:9318' -> (host, port); port 0: any free one."""
+    return host_port(value, LISTEN_HINT, min_port=0)
 
 
 def _check_listen(value: str) -> str:

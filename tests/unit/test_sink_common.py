@@ -11,7 +11,7 @@ import pytest
 
 from conntracct.flow import IPPROTO_NAMES
 from conntracct.sinks import SINKS
-from conntracct.sinks.common import PORT_PROTOS, TLSConfig, endpoint, http_url
+from conntracct.sinks.common import PORT_PROTOS, TLSConfig, endpoint, host_port, http_url
 
 SINK_DIR = Path(__file__).resolve().parents[2] / "conntracct" / "sinks"
 
@@ -65,3 +65,19 @@ def test_http_url(url, port_required, error):
     else:
         with pytest.raises(ValueError, match=error.replace("?", r"\?")):
             check(url)
+
+
+@pytest.mark.parametrize(("text", "default_port", "expected"), [
+    ("192.0.2.1:80", None, ("192.0.2.1", 80)), ("[2001:db8::1]:443", None, ("2001:db8::1", 443)),
+    ("collector.example", 4739, ("collector.example", 4739)), ("[::]:0", None, "expected a port from 1 to 65535"),
+    ("9318", None, "expected host:port"), ("::1:80", None, "(IPv6 addresses in brackets)"),
+    ("[fe80::zz]:80", None, "expected an IPv6 address between the brackets"),
+    ("192.0.2.300:80", None, "expected an IPv4 address, got '192.0.2.300'"),
+    ("bad_host!:80", None, "expected an IP address or host name, got 'bad_host!'")])
+def test_host_port(text, default_port, expected):
+    if isinstance(expected, tuple):
+        assert host_port(text, "expected host:port", default_port) == expected
+    else:
+        with pytest.raises(ValueError) as info:
+            host_port(text, "expected host:port", default_port)
+        assert expected in str(info.value)

@@ -61,10 +61,20 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import BENCH, CLK_TCK, Report, agent_config, arguments, need_root  # noqa: E402
+from common import (  # noqa: E402
+    BENCH,
+    CLK_TCK,
+    Report,
+    agent_config,
+    arguments,
+    bpf_run_stats,
+    need_root,
+    prog_stats_of_pid,
+)
 from p3_churn import EventFile, agent_stats  # noqa: E402
 
 PEERS = BENCH / "peers"
+BPF_PROG_TYPE_NETFILTER = 32
 TOOLS = ("none", "conntracct", "conntracct-destroy", "ulogd2", "conntrack-E", "pmacctd", "poller")
 NETLINK_RCVBUF = 64 << 20
 ULOGD_PLUGINS = ("/usr/lib/x86_64-linux-gnu/ulogd", "/usr/lib/aarch64-linux-gnu/ulogd", "/usr/lib/ulogd")
@@ -421,7 +431,7 @@ def forwarding_run(tool_name: str, seconds: float, size: int = 64) -> dict:
 
     workdir = Path(tempfile.mkdtemp(prefix=f"conntracct-p6f-{tool_name}-"))
     try:
-        with Topology(acct=True, timestamp=True) as topo:
+        with Topology(acct=True, timestamp=True) as topo, bpf_run_stats():
             tool = TOOL_CLASSES[tool_name](topo, workdir)
             try:
                 port = topo.next_port()
@@ -429,8 +439,10 @@ def forwarding_run(tool_name: str, seconds: float, size: int = 64) -> dict:
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                 time.sleep(0.3)
                 meter = TreeMeter(tool.pid) if tool.pid else None
+                probe0 = prog_stats_of_pid(tool.pid, BPF_PROG_TYPE_NETFILTER) if tool.pid else (0, 0)
                 proc = topo.run("client", "iperf3", "-c", topo.addr("server"), "-p", port, "-u", "-b", "0",
                                 "-l", size, "-t", seconds, "-J", timeout=seconds + 30)
+                probe1 = prog_stats_of_pid(tool.pid, BPF_PROG_TYPE_NETFILTER) if tool.pid else (0, 0)
                 cpu = meter.used() if meter else 0.0
                 if meter:
                     meter.stop()
@@ -442,10 +454,13 @@ def forwarding_run(tool_name: str, seconds: float, size: int = 64) -> dict:
         shutil.rmtree(workdir, ignore_errors=True)
     s = json.loads(proc.stdout)["end"]["sum"]
     received = s["packets"] - s["lost_packets"]
+    runs, run_ns = probe1[0] - probe0[0], probe1[1] - probe0[1]
     out = {"tool": tool_name, "sent": s["packets"], "received": received, "seconds": s["seconds"],
-           "pps": received / s["seconds"], "cpu_s": cpu, "size": size}
+           "pps": received / s["seconds"], "cpu_s": cpu, "size": size,
+           "probe_ns_per_packet": run_ns / runs if runs else None}
+    probe = f", probe {out['probe_ns_per_packet']:.0f} ns/packet" if runs else ""
     print(f"  {tool_name:<19} UDP {size} B: {out['pps']:>9,.0f} datagrams/s received "
-          f"({s['packets']:,} sent), tool CPU {cpu:.2f} s", flush=True)
+          f"({s['packets']:,} sent), tool CPU {cpu:.2f} s{probe}", flush=True)
     return out
 
 
@@ -489,6 +504,10 @@ def churn_rows(report: Report, runs: list[dict], seconds: float) -> None:
                             + (f", HWM {r['hwm_kb'] / 1024:.0f} MB" if name != "none" else "") + lost)
 
 
+def runs_of(runs: list[dict], name: str) -> list[dict]:
+    return [r for r in runs if r["tool"] == name]
+
+
 def forwarding_rows(report: Report, runs: list[dict], seconds: float) -> None:
     best: dict[str, dict] = {}
     for r in runs:
@@ -497,12 +516,20 @@ def forwarding_rows(report: Report, runs: list[dict], seconds: float) -> None:
     base = best.get("none")
     report.row(f"forwarding: UDP flood ({runs[0]['size']} B datagrams, iperf3 -b 0, {seconds:g} s), "
                "datagrams/s received, best of runs", "datagrams/s")
+    all_runs = runs
     for name in TOOLS:
         r = best.get(name)
         if r is None:
             continue
-        rel = f"{r['pps'] / base['pps']:.0%} of none" if base and name != "none" else ""
-        report.row(f"  {name}", f"{r['pps']:,.0f}/s", note=f"{rel}{'; ' if rel else ''}tool CPU {r['cpu_s']:.2f} s")
+        runs = runs_of(all_runs, name)
+        notes = [f"{r['pps'] / base['pps']:.0%} of none"] if base and name != "none" else []
+        if name != "none":
+            cpu_us = sum(x["cpu_s"] for x in runs) / max(sum(x["received"] for x in runs), 1) * 1e6
+            notes.append(f"tool CPU {cpu_us:.2f} µs per datagram")
+        probe = [x["probe_ns_per_packet"] for x in runs if x.get("probe_ns_per_packet")]
+        if probe:
+            notes.append(f"probe {min(probe):.0f}-{max(probe):.0f} ns per packet in the forwarding path")
+        report.row(f"  {name}", f"{r['pps']:,.0f}/s", note="; ".join(notes))
 
 
 def main() -> None:

@@ -1,0 +1,172 @@
+#!/usr/bin/env python3
+"""Where the agent's CPU per finished flow goes, under P6's churn.
+
+    .venv/bin/python bench/p6_profile.py [--rate 10000] [--seconds 20] [--kinds destroy] [--json PATH]
+
+The real agent (netfilter mode, one JSON stdout sink into a file, as P3/P6)
+in the router of a fresh topology while tests/netns/churn.c makes short TCP
+connections.  Over a window in the middle of the churn:
+
+- the agent's CPU seconds (all threads, /proc) per finished flow;
+- py-spy (`py-spy record --native --threads`, 100 samples/s, needs the
+  py-spy package: `pip install py-spy`) samples every thread's Python and
+  native stack; each sample is given to one stage by its innermost known
+  frame (the table below: STAGES), samples of threads that wait (for the
+  GIL, a queue, epoll, a sleep) are counted apart and not as CPU;
+- the probe's own run time in the kernel (BPF run statistics, through
+  BPF_ENABLE_STATS), which the packet path pays, not the agent.
+
+The stages' shares of the on-CPU samples times the CPU seconds per flow
+give microseconds per flow per stage.  py-spy's stops cost the agent some
+CPU too: the shares are what is comparable, the total comes from the run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import ProcessMeter, Report, agent_config, arguments, bpf_run_stats, need_root  # noqa: E402
+
+BPF_PROG_TYPE_NETFILTER = 32
+
+# (stage, substrings of a frame): a stage's boundary functions.  The
+# innermost boundary among a sample's frames decides its stage, so what a
+# boundary calls (helpers, native code) counts for it unless it is a
+# boundary itself (a syscall, the map delete, the sink's write).
+STAGES = [
+    ("BPF map lookup-and-delete (1 bpf() per finished flow)", ("MapEntryTaker.take",)),
+    ("ctnetlink: recv syscalls", ("recv (libc", "recvfrom (libc", "recvmsg (libc", "__libc_recv",
+                                  "socket.recv_into", "recv_into (")),
+    ("ctnetlink: parse events", ("DestroyEvents.read",)),
+    ("DESTROY event from a ctnetlink entry (tuples, key, flow id, FlowEvent)", ("FlowSource._destroy_event",)),
+    ("ring record decode (NEW/UPDATE)", ("decode (conntracct/probe/record.py", "first_sight_new")),
+    ("ring record dispatch (record_key, first-sight, counters)", ("FlowSource._on_record", "FlowSource._deliver")),
+    ("enrichment", ("Enricher.__call__",)),
+    ("queue offer (reader side: locks, counters)", ("SinkWorker.offer", "Pipeline.offer")),
+    ("write syscalls (sink)", ("write (libc", "__libc_write", "FileIO.write", "BufferedWriter.flush")),
+    ("JSON encoding", ("StdoutSink.write",)),
+    ("sink worker: take batches, counters", ("SinkWorker._run",)),
+    ("garbage collector", ("gc_collect", "collect (gc", "gc_collect_main", "gc_collect_with_callback")),
+    ("BCC ring consume + per-record ctypes callback", ("ringbuf_cb_", "Probe._callback_for", "ring_buffer_consume")),
+    ("reader loop", ("FlowSource.run",)),
+    ("main thread (stats, loss watch)", ("Agent.run",)),
+]
+# A sample with one of these among its three innermost frames waits: for
+# the GIL, a lock or condition (a queue), epoll, a sleep.  Not CPU.
+WAITING = ("pthread_cond_timedwait", "pthread_cond_wait", "take_gil", "sem_wait", "sem_clockwait",
+           "PyThread_acquire_lock", "epoll_wait", "poll.poll", "__select", "poll (libc", "nanosleep",
+           "clock_nanosleep", "futex", "do_futex_wait", "lll_lock_wait", "time.sleep", "sleep (")
+
+
+def classify(stack: list[str]) -> str:
+    """The stage of one sample (frames root first), or 'waiting'."""
+    if any(w in frame for frame in stack[-3:] for w in WAITING):
+        return "waiting"
+    for frame in reversed(stack):
+        for stage, needles in STAGES:
+            if any(n in frame for n in needles):
+                return stage
+    return "other (start-up, unknown thread)"
+
+
+def read_raw(path: Path) -> Counter:
+    """py-spy's raw format: 'thread (tid): name;frame;frame... count' per line."""
+    stages: Counter = Counter()
+    for line in path.read_text().splitlines():
+        stack_text, _, count = line.rpartition(" ")
+        frames = stack_text.split(";")
+        stages[classify(frames[1:])] += int(count)
+    return stages
+
+
+def program_time_ns(pid: int) -> tuple[int, int]:
+    from common import prog_stats_of_pid
+    return prog_stats_of_pid(pid, BPF_PROG_TYPE_NETFILTER)
+
+
+def main() -> None:
+    parser = arguments(__doc__)
+    parser.add_argument("--rate", type=float, default=10000)
+    parser.add_argument("--seconds", type=float, default=20)
+    parser.add_argument("--kinds", nargs="+", choices=("new", "update", "destroy"))
+    parser.add_argument("--keep-raw", metavar="PATH", help="keep py-spy's raw stacks there")
+    parser.add_argument("--py-spy", default=shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"))
+    args = parser.parse_args()
+    need_root("P6 profile")
+    if args.smoke:
+        args.rate, args.seconds = 1000, 6
+    if not Path(args.py_spy).exists():
+        sys.exit("py-spy not found: pip install py-spy (or --py-spy PATH)")
+    from tests.integration.running_agent import RunningAgent
+    from tests.netns import Topology
+
+    report = Report("P6", "profile: the agent's CPU per finished flow by stage", __doc__, smoke=args.smoke)
+    config = agent_config()
+    if args.kinds:
+        config["sinks"][0]["kinds"] = args.kinds
+    window = max(args.seconds - 6, 2)
+    with Topology(acct=True, timestamp=True) as topo, bpf_run_stats():
+        agent = RunningAgent(topo, config=config)
+        try:
+            done: dict = {}
+            churn = threading.Thread(target=lambda: done.update(r=topo.churn(duration=args.seconds, rate=args.rate)))
+            churn.start()
+            time.sleep(3)
+            meter = ProcessMeter(agent.proc.pid)
+            runs0, ns0 = program_time_ns(agent.proc.pid)
+            out = Path(agent.stdout_path.parent / "pyspy.txt")
+            started = time.monotonic()
+            deleted0 = _destroys_written(agent.stdout_path)
+            spy = subprocess.run([args.py_spy, "record", "--native", "--threads", "-r", "100", "-d", str(int(window)),
+                                  "-p", str(agent.proc.pid), "--format", "raw", "-o", str(out)],
+                                 capture_output=True, text=True, timeout=window + 60)
+            cpu, wall = meter.used(), time.monotonic() - started
+            finished = _destroys_written(agent.stdout_path) - deleted0
+            runs1, ns1 = program_time_ns(agent.proc.pid)
+            churn.join()
+            stages = read_raw(out) if out.exists() else Counter()
+            if args.keep_raw and out.exists():
+                shutil.copy(out, args.keep_raw)
+            if not stages:
+                sys.exit(f"py-spy recorded nothing: {spy.stderr[-2000:]}")
+        finally:
+            agent.stop(timeout=120)
+            shutil.rmtree(agent.stdout_path.parent, ignore_errors=True)
+    on_cpu = sum(v for k, v in stages.items() if k != "waiting")
+    per_flow_us = cpu / max(finished, 1) * 1e6
+    report.details = {"stages": dict(stages), "cpu_s": cpu, "wall_s": wall, "finished": finished,
+                      "probe_runs": runs1 - runs0, "probe_ns": ns1 - ns0, "rate": args.rate, "kinds": args.kinds}
+    report.row(f"agent CPU per finished flow, {args.rate:,.0f} conn/s asked, kinds {args.kinds or 'default'}",
+               f"{per_flow_us:.1f} µs",
+               note=f"{cpu:.2f} CPU-s over {wall:.1f} s for {finished:,} finished flows, py-spy attached")
+    for stage, samples in sorted(((k, v) for k, v in stages.items() if k != "waiting"), key=lambda kv: -kv[1]):
+        share = samples / on_cpu
+        report.row(f"  {stage}", f"{share * per_flow_us:.1f} µs", note=f"{share:.0%} of {on_cpu:,} on-CPU samples")
+    report.row("  (samples waiting: GIL, queue, epoll, sleep; not CPU)", f"{stages['waiting']:,}")
+    if runs1 > runs0:
+        report.row("probe in the kernel's packet path, per finished flow (BPF run time)",
+                   f"{(ns1 - ns0) / max(finished, 1) / 1000:.2f} µs",
+                   note=f"{(runs1 - runs0) / max(finished, 1):.1f} packets per flow at "
+                        f"{(ns1 - ns0) / (runs1 - runs0):.0f} ns")
+    report.save(args.json)
+    print(done.get("r").summary() if done.get("r") else "")
+
+
+def _destroys_written(path: Path) -> int:
+    """DESTROY records the agent has written so far (its sink flushes every 200 ms)."""
+    with open(path, "rb") as f:
+        return sum(1 for line in f if line.startswith(b'{"kind":"destroy"'))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    main()

@@ -56,6 +56,8 @@ MAX_FLOWS_NOTE = "262,144"   # ProbeSettings.from_config().max_flows, as the age
 BPF_PROG_TYPE_NETFILTER = 32
 
 BASELINES = r"""
+#include "fastpath.h"   // the probe's own fast-path pieces (bpf/, on the probe's -I)
+
 struct nf_prog_ctx { void *state; void *skb; };
 
 // The same 56-byte key as the probe's struct flow_key.
@@ -94,29 +96,10 @@ static __always_inline int read_ext(struct nf_prog_ctx *ctx, u8 *c, void **ct, u
 }
 
 // The probe's fast path up to its hint table (bpf/conntracct.c nothing_due):
-// the nf_conn pointer and, in two reads, its timestamp start (0: none).
+// the nf_conn pointer and its timestamp start (0: none).
 static __always_inline u64 fast_start(struct nf_prog_ctx *ctx, u64 *ct) {
     *ct = *(u64 *)((u8 *)ctx->skb + SKB_NFCT) & ~7UL;
-    if (!*ct)
-        return 0;
-    u64 ext = 0;
-    if (bpf_probe_read_kernel(&ext, sizeof(ext), (void *)(*ct + CT_EXT)) || !ext)
-        return 0;
-    u64 area[8];
-    if (bpf_probe_read_kernel(area, sizeof(area), (void *)ext))
-        return 0;
-    u32 at = ((u8 *)area)[EXT_OFFSET + EXT_TSTAMP_ID];
-    if (!at)
-        return 0;
-    at += TSTAMP_START;
-    if ((at & 7) || at > sizeof(area) - 8)
-        return 0;
-    return area[at / 8];
-}
-
-// The probe's hint tag (bpf/conntracct.c hint_tag).
-static __always_inline u64 hint_tag(u64 ct, u64 start) {
-    return (((ct ^ (start * 0x9E3779B97F4A7C15ULL)) * 0xC2B2AE3D27D4EB4FULL) & 0xFFFFFFFF00000000ULL) | (1ULL << 32);
+    return *ct ? fast_start_ns((void *)*ct) : 0;
 }
 
 static __always_inline void build_key(struct key56 *k, u8 *c, u64 start) {
@@ -218,13 +201,13 @@ int nf_fast_1way(struct nf_prog_ctx *ctx) {
     u64 start = fast_start(ctx, &ct);
     if (!start)
         return 1;
-    u32 index = ((ct >> 6) * 0x9E3779B97F4A7C15ULL) >> (64 - 14);
+    u32 index = hint_index(ct, 14);
     u64 *slot = fast_hints.lookup(&index);
     if (!slot)
         return 1;
     u64 tag = hint_tag(ct, start);
     u64 hint = *(volatile u64 *)slot;
-    if ((hint & 0xFFFFFFFF00000000ULL) == tag && (s32)((u32)hint - (u32)bpf_jiffies64()) > 0)
+    if ((hint & HINT_TAG_MASK) == tag && (s32)((u32)hint - (u32)bpf_jiffies64()) > 0)
         return 1;
     *(volatile u64 *)slot = tag | (u32)(bpf_jiffies64() + 100);
     return 1;
@@ -282,7 +265,7 @@ int nf_fastNAME(struct nf_prog_ctx *ctx) {
     u64 start = fast_start(ctx, &ct);
     if (!start)
         return 1;
-    u32 index = ((ct >> 6) * 0x9E3779B97F4A7C15ULL) >> (64 - BITS);
+    u32 index = hint_index(ct, BITS);
     struct bucket8 *b = fwNAME.lookup(&index);
     if (!b)
         return 1;
@@ -292,7 +275,7 @@ int nf_fastNAME(struct nf_prog_ctx *ctx) {
 #pragma unroll
     for (int i = 0; i < 8; i++) {
         u64 hint = *(volatile u64 *)&b->w[i];
-        if ((hint & 0xFFFFFFFF00000000ULL) == tag) {
+        if ((hint & HINT_TAG_MASK) == tag) {
             if ((s32)((u32)hint - now) > 0)
                 return 1;
             free = i;

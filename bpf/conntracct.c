@@ -12,6 +12,7 @@
 #include <uapi/linux/ptrace.h>
 
 #include "record.h"   // record layout, kinds, flags, stats and settings indexes
+#include "fastpath.h" // the fast path's start read, hint index and tag (bench/p1_hook_cost.py times them)
 
 #ifdef MODE_NETFILTER
 #define TRACK_UNEVENTED 1   // flow ends come from ctnetlink events
@@ -99,40 +100,12 @@ static __always_inline u32 netns_inum(u64 net) {
     return inum;
 }
 
-static __always_inline u32 hint_bucket_index(u64 ct) {
-    return ((ct >> 6) * 0x9E3779B97F4A7C15ULL) >> (64 - HINT_BUCKET_BITS);
-}
-
-#define HINT_TAG_MASK 0xFFFFFFFF00000000ULL
-
-static __always_inline u64 hint_tag(u64 ct, u64 start_ns) {
-    u64 h = (ct ^ (start_ns * 0x9E3779B97F4A7C15ULL)) * 0xC2B2AE3D27D4EB4FULL;
-    return (h & HINT_TAG_MASK) | (1ULL << 32);  // never 0: an empty way matches nothing
-}
-
-// 1: no record is due for this packet's flow; 0: take the slow path.  Two
-// reads: the extension pointer, then the extension area's first 64 bytes,
-// which hold the offsets and, in the usual layout (accounting, then
-// timestamp), the timestamp's start.  The nf_conn status is not needed: an
-// unconfirmed entry has no start yet (set at confirmation), and a hint
-// only ever says what the slow path would do for a dying entry (nothing).
+// 1: no record is due for this packet's flow; 0: take the slow path.
 static __always_inline int nothing_due(void *ct) {
-    u64 ext = 0;
-    if (bpf_probe_read_kernel(&ext, sizeof(ext), ct + CT_EXT) || !ext)
-        return 0;
-    u64 area[8];    // the area is at least NF_CT_EXT_PREALLOC (128) bytes
-    if (bpf_probe_read_kernel(area, sizeof(area), (void *)ext))
-        return 0;
-    u32 at = ((u8 *)area)[EXT_OFFSET + EXT_TSTAMP_ID];
-    if (!at)
-        return 0;
-    at += TSTAMP_START;
-    if ((at & 7) || at > sizeof(area) - 8)
-        return 0;
-    u64 start = area[at / 8];
+    u64 start = fast_start_ns(ct);
     if (!start)
         return 0;
-    u32 index = hint_bucket_index((u64)ct);
+    u32 index = hint_index((u64)ct, HINT_BUCKET_BITS);
     struct hint_bucket *b = hints.lookup(&index);
     if (!b)
         return 0;
@@ -158,7 +131,7 @@ static __always_inline void remember_not_due(void *ct, u64 start_ns, u64 due_ns,
         return;
     if (left > 0x3FFFFFFF)
         left = 0x3FFFFFFF;
-    u32 index = hint_bucket_index((u64)ct);
+    u32 index = hint_index((u64)ct, HINT_BUCKET_BITS);
     struct hint_bucket *b = hints.lookup(&index);
     if (!b)
         return;

@@ -28,9 +28,7 @@ per-flow delta state and the socket.
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import re
 import select
 import socket
 import time
@@ -54,13 +52,12 @@ from ..ipfix_encoding import (
     totals,
 )
 from .base import Sink, SinkConfig, TransientSinkError, WriteResult
+from .common import host_port
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PORT = 4739   # IANA: ipfix over UDP and TCP
 COLLECTOR_HINT = "expected host:port such as 192.0.2.10:4739, collector.example:4739 or [2001:db8::10]:4739"
-_COLLECTOR = re.compile(r"(?:\[(?P<v6>[^\[\]]+)\]|(?P<host>[^\s:\[\]/]+))(?::(?P<port>\d{1,5}))?")
-_HOSTNAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(?:\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 # Bytes of IP and transport headers around a message, for the MTU bound.
 _IP_HEADER = {socket.AF_INET: 20, socket.AF_INET6: 40}
 _TRANSPORT_HEADER = {"udp": 8, "tcp": 20}
@@ -72,27 +69,7 @@ FLOW_LIMIT = 1 << 20
 
 def parse_collector(value: str) -> tuple[str, int]:
     """'192.0.2.10:4739' / '[2001:db8::10]:4739' / 'name:4739' / 'name' -> (host, port)."""
-    match = _COLLECTOR.fullmatch(value.strip())
-    if match is None:
-        raise ValueError(COLLECTOR_HINT + (" (IPv6 addresses in brackets)" if value.count(":") > 1 else ""))
-    port = int(match["port"]) if match["port"] is not None else DEFAULT_PORT
-    if not 1 <= port <= 65535:
-        raise ValueError(f"expected a port from 1 to 65535, got {port}")
-    if match["v6"] is not None:
-        try:
-            ipaddress.IPv6Address(match["v6"])
-        except ValueError:
-            raise ValueError(f"expected an IPv6 address between the brackets; {COLLECTOR_HINT}") from None
-        return match["v6"], port
-    host = match["host"]
-    if re.fullmatch(r"[0-9.]+", host):   # digits and dots: meant as an IPv4 address
-        try:
-            ipaddress.IPv4Address(host)
-        except ValueError:
-            raise ValueError(f"expected an IPv4 address, got {host!r}; {COLLECTOR_HINT}") from None
-    elif not _HOSTNAME.fullmatch(host):
-        raise ValueError(f"expected an IP address or host name, got {host!r}; {COLLECTOR_HINT}")
-    return host, port
+    return host_port(value, COLLECTOR_HINT, default_port=DEFAULT_PORT)
 
 
 def _check_collector(value: str) -> str:

@@ -57,6 +57,8 @@ TEST_APT_PACKAGES = [
     # the peers bench/p6_vs_peers.py runs beside the agent (pmacctd is in
     # pmacct above) and its UDP flood
     "ulogd2", "ulogd2-json", "iperf3",
+    # the terminal tests/integration/test_top.py drives `conntracct top` in
+    "tmux",
 ]
 # apt waits this long for another apt/dpkg (unattended-upgrades at boot) to
 # release its locks, instead of failing.

@@ -140,6 +140,18 @@ def convert(path: str) -> None:
 
 
 @main.command()
+@config_option
+@mode_option
+@click.option("--netns", metavar="PATH", type=click.Path(exists=True, dir_okay=False),
+              help="network namespace to account, e.g. /run/netns/NAME (overrides probe.netns)")
+def top(config_path: str | None, mode: str | None, netns: str | None) -> None:
+    """Live view of the busiest flows and remote hosts with their rates, from
+    a probe of its own (keys: r/t/a sort, / filter, q quit)."""
+    from .top import run_top
+    sys.exit(run_top(configured(config_path, mode), netns))
+
+
+@main.command()
 def version() -> None:
     """Print the version."""
     click.echo(f"conntracct {__version__}")

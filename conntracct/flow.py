@@ -37,7 +37,7 @@ END_REASONS = {IDLE_TIMEOUT: "idle_timeout", ACTIVE_TIMEOUT: "active_timeout", E
 TCP_ENDED = frozenset(range(TCP_STATES.index("fin_wait"), TCP_STATES.index("close") + 1))
 
 
-def end_reason(kind: str, proto: int, tcp_state: int, flags: int) -> int:
+def flow_end_reason(kind: str, proto: int, tcp_state: int, flags: int) -> int:
     """The flowEndReason of a record: a DESTROY is the end of a TCP flow seen
     to close (FIN/RST), a forced end when the agent never saw its end event
     (end_unseen), an idle timeout otherwise; an UPDATE is an active timeout."""
@@ -95,7 +95,13 @@ class FlowEvent:
     # line-protocol tag set) and makes it once per flow.  None on records made
     # elsewhere.  Not part of the record: left out of comparisons and repr.
     memo: dict | None = field(default=None, compare=False, repr=False)
-    end_reason: int = 0    # IPFIX flowEndReason, END_REASONS; 0 while the flow lives
+
+    @property
+    def end_reason(self) -> int:
+        """IPFIX flowEndReason (END_REASONS) of this record; 0 on a NEW.
+        Derived from the record's kind, protocol, TCP state and flags when
+        read: nothing to store, no cost for the sinks that do not show it."""
+        return flow_end_reason(self.kind, self.proto, self.tcp_state, self.flags)
 
     @property
     def end_reason_name(self) -> str:

@@ -15,7 +15,7 @@ import socket
 import struct
 from dataclasses import replace
 
-from ..flow import DESTROY, FLAG_FIRST_SIGHT, ICMP_PROTOS, NEW, FlowEvent, FlowTuple, end_reason, flow_id
+from ..flow import DESTROY, FLAG_FIRST_SIGHT, ICMP_PROTOS, NEW, FlowEvent, FlowTuple, flow_id
 from .layout import KEY_LAYOUT, RECORD_LAYOUT, STATE_LAYOUT, TUPLE_LAYOUT, prefixed
 
 TUPLE = TUPLE_LAYOUT.struct
@@ -105,8 +105,6 @@ _TUPLES_AT = RECORD_LAYOUT.offset("orig")
 _IDENTITY = RECORD_LAYOUT.span("orig", "zone")
 _ORIG = RECORD_LAYOUT.span("orig")
 _new = object.__new__
-# Kind code -> (name, flow.end_reason() when it depends on the kind alone, else None).
-_KINDS = {code: (name, None if name == DESTROY else end_reason(name, 0, 0, 0)) for code, name in KIND_CODES.items()}
 FLOW_MEMO_LIMIT = 16384   # flows; past it the memo starts over (bounded memory)
 _flows: dict[bytes, tuple] = {}
 
@@ -143,7 +141,7 @@ def decode(raw: bytes, wall_offset_ns: int) -> FlowEvent:
         _flows[key] = known
     e = _new(FlowEvent)
     _, e.flow_id, e.family, e.proto, e.orig, e.reply, e.icmp, e.memo = known
-    e.kind, reason = _KINDS[kind]
+    e.kind = KIND_CODES[kind]
     e.packets_orig = po
     e.bytes_orig = bo
     e.packets_reply = pr
@@ -161,7 +159,6 @@ def decode(raw: bytes, wall_offset_ns: int) -> FlowEvent:
     e.status = status
     e.tcp_state = tcp_state
     e.flags = flags
-    e.end_reason = end_reason(DESTROY, e.proto, tcp_state, flags) if reason is None else reason
     e.labels = {}
     return e
 
@@ -208,4 +205,4 @@ def first_sight_new(event: FlowEvent) -> FlowEvent | None:
     """A flow seen first at its end still gets its NEW, right before the DESTROY."""
     if event.kind != DESTROY or not event.flags & FLAG_FIRST_SIGHT:
         return None
-    return replace(event, kind=NEW, stop_ns=0, end_reason=0, labels=dict(event.labels))
+    return replace(event, kind=NEW, stop_ns=0, labels=dict(event.labels))

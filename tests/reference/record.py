@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 
-from conntracct.flow import ICMP_PROTOS, FlowEvent, FlowTuple, end_reason, flow_id
+from conntracct.flow import ICMP_PROTOS, FlowEvent, FlowTuple, flow_id
 from conntracct.probe.record import KIND_CODES, RECORD, TUPLE
 
 _AF = {socket.AF_INET: 4, socket.AF_INET6: 6}
@@ -43,5 +43,4 @@ def reference_decode(raw: bytes, wall_offset_ns: int) -> FlowEvent:
         packets_orig=po, bytes_orig=bo, packets_reply=pr, bytes_reply=br,
         delta_packets_orig=dpo, delta_bytes_orig=dbo, delta_packets_reply=dpr, delta_bytes_reply=dbr,
         start_ns=start, stop_ns=stop, ts_ns=ts + wall_offset_ns, zone=zone, mark=mark, netns=netns,
-        status=status, tcp_state=tcp_state, flags=flags, icmp=icmp,
-        end_reason=end_reason(KIND_CODES[kind], proto, tcp_state, flags))
+        status=status, tcp_state=tcp_state, flags=flags, icmp=icmp)

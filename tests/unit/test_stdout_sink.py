@@ -66,7 +66,7 @@ def test_json_line_ipv4_with_nat():
         "stop": None, "stop_ns": 0,
         "timestamp": "2026-11-18T11:06:40.123456789Z", "timestamp_ns": T0,
         "zone": 0, "mark": 0, "netns": 4026531840, "status": 0x18E, "tcp_state": "established",
-        "flags": [], "end_reason": None, "labels": {"direction": "outbound"}}
+        "flags": [], "end_reason": "active_timeout", "labels": {"direction": "outbound"}}
 
 
 def test_json_line_icmp_and_ipv6():

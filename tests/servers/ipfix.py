@@ -15,6 +15,7 @@ pmacct, tshark, python3-ipfix).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -82,7 +83,7 @@ class Nfcapd:
     def flows(self) -> list[dict[str, Any]]:
         """Every record nfcapd stored, as `nfdump -o json` prints it."""
         out = subprocess.run(["nfdump", "-R", str(self.dir / "flows"), "-o", "json"],
-                             capture_output=True, text=True, timeout=60)
+                             capture_output=True, text=True, timeout=60, env=dict(os.environ, TZ="UTC"))
         text = out.stdout.strip()
         if not text.startswith("["):
             if "No matching flows" in text or not text:
@@ -155,7 +156,6 @@ nfacctd_time_new: false
             _stop(self.proc, nudge_port=self.port)
         if self.proc is not None:
             try:
-                import os
                 os.killpg(self.proc.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass

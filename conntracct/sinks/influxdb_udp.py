@@ -36,28 +36,19 @@ from pydantic import AfterValidator, Field, PrivateAttr, model_validator
 from ..configtypes import config_errors
 from ..flow import FlowEvent
 from .base import ACCEPTED, PermanentSinkError, Sink, SinkConfig, TransientSinkError, WriteResult
+from .common import host_port
 from .goschema import SCHEMAS, line_formatter, unwritable_in_schema
 from .lineprotocol import PointLog
 
 MAX_UDP_PAYLOAD = 65507     # IPv4's limit for one UDP datagram
 
 
+ADDRESS_HINT = "expected host:port such as 127.0.0.1:8089 or [::1]:8089"
+
+
 def parse_address(value: str) -> tuple[str, int]:
-    """'host:port' or '[v6addr]:port' -> (host, port)."""
-    text = value.strip()
-    if text.startswith("["):
-        host, sep, port_text = text[1:].partition("]:")
-    else:
-        host, sep, port_text = text.rpartition(":")
-        if ":" in host:      # a bare IPv6 address: ambiguous without brackets
-            sep = ""
-    try:
-        port = int(port_text)
-    except ValueError:
-        port = -1
-    if not sep or not host or not 1 <= port <= 65535:
-        raise ValueError("expected host:port such as 127.0.0.1:8089 or [::1]:8089")
-    return host, port
+    """'host:port' or '[v6addr]:port' -> (host, port) (common.host_port)."""
+    return host_port(value, ADDRESS_HINT)
 
 
 class InfluxDBUDPConfig(SinkConfig):

@@ -64,11 +64,15 @@ def test_addresses(text, host, port):
     assert parse_address(text) == (host, port)
 
 
-@pytest.mark.parametrize("bad", ["localhost", "::1:8089", "host:0", "host:x", ":8089", "[::1]8089"])
-def test_bad_addresses_are_named(bad):
+@pytest.mark.parametrize(("bad", "error"), [
+    ("localhost", "expected host:port such as 127.0.0.1:8089"),
+    ("::1:8089", "expected host:port such as 127.0.0.1:8089 or [::1]:8089 (IPv6 addresses in brackets)"),
+    ("host:0", "expected a port from 1 to 65535, got 0"), ("host:x", "expected host:port"),
+    (":8089", "expected host:port"), ("[::1]8089", "expected host:port")])
+def test_bad_addresses_are_named(bad, error):
     with pytest.raises(ConfigError) as info:
         parse_config(f"sinks: [{{type: influxdb-udp, address: '{bad}'}}]", "u.yml")
-    assert "u.yml:1: sinks[0].address: expected host:port such as 127.0.0.1:8089" in str(info.value)
+    assert f"u.yml:1: sinks[0].address: {error}" in str(info.value)
 
 
 def test_datagrams_never_split_a_line_and_stay_under_the_payload_size():

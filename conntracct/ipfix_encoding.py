@@ -135,12 +135,30 @@ class TemplateKey(NamedTuple):
     direction: bool    # flowDirection present
 
 
+_STRUCT_CODES = {"unsigned8": "B", "unsigned16": "H", "unsigned32": "I", "unsigned64": "Q",
+                 "ipv4Address": "4s", "ipv6Address": "16s", "dateTimeMilliseconds": "Q"}
+
+
+def _struct(ies: tuple[IE, ...]) -> struct.Struct:
+    return struct.Struct("!" + "".join(_STRUCT_CODES[ie.type] for ie in ies))
+
+
 @dataclass(frozen=True)
 class Template:
     id: int
     key: TemplateKey
     ies: tuple[IE, ...]
     record_length: int
+
+    @property
+    def head(self) -> struct.Struct:
+        """The fields before the per-record part (keys, NAT)."""
+        return _struct(self.ies[:self.ies.index(START)])
+
+    @property
+    def tail(self) -> struct.Struct:
+        """The fields after it ([direction], zone, mark)."""
+        return _struct(self.ies[self.ies.index(END_REASON) + 1:])
 
     def record_spec(self, pen: int) -> bytes:
         """The template record: id, field count, field specifiers."""
@@ -181,7 +199,6 @@ TEMPLATES = _templates()
 # reverse packets) -- forward is the ORIGINAL direction, reverse the REPLY one.
 Counters = tuple[int, int, int, int]
 ZERO: Counters = (0, 0, 0, 0)
-_U64 = (1 << 64) - 1
 
 
 def totals(e: FlowEvent) -> Counters:
@@ -199,10 +216,9 @@ def end_reason(e: FlowEvent) -> int:
 
 _ADDRESS_CACHE_LIMIT = 65536
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
-_PORTS_PROTO = struct.Struct("!HHB")
-_ICMP_PROTO = struct.Struct("!HB")
-_PORTS = struct.Struct("!HH")
-_ZONE_MARK = struct.Struct("!HI")
+# (family, icmp, nat, direction) -> (template, head packer, tail packer):
+# plain tuples, made once (a NamedTuple key costs a constructor call per flow).
+_PACKERS = {tuple(key): (t, t.head.pack, t.tail.pack) for key, t in TEMPLATES.items()}
 
 
 class RecordEncoder:
@@ -228,24 +244,26 @@ class RecordEncoder:
     def flow_parts(self, e: FlowEvent, direction: str | None) -> tuple[Template, bytes, bytes]:
         """(template, bytes before the per-record part, bytes after it)."""
         o, r, family = e.orig, e.reply, e.family
-        icmp = e.proto in ICMP_PROTOS and e.icmp is not None
-        nat = (o.src, o.dst, o.sport, o.dport) != (r.dst, r.src, r.dport, r.sport)
+        icmp = e.icmp is not None and e.proto in ICMP_PROTOS
+        nat = o.src != r.dst or o.dst != r.src or o.sport != r.dport or o.dport != r.sport
         flow_direction = FLOW_DIRECTIONS.get(direction) if direction else None
-        template = TEMPLATES[TemplateKey(family, icmp, nat, flow_direction is not None)]
-        head = self._packed(o.src, family) + self._packed(o.dst, family)
+        template, head, tail = _PACKERS[family, icmp, nat, flow_direction is not None]
+        addresses = self._addresses
+        src = addresses.get(o.src) or self._packed(o.src, family)
+        dst = addresses.get(o.dst) or self._packed(o.dst, family)
         if icmp:
             icmp_type, code, _ = e.icmp
-            head += _ICMP_PROTO.pack((icmp_type & 0xFF) << 8 | (code & 0xFF), e.proto)
+            keys = (src, dst, (icmp_type & 0xFF) << 8 | (code & 0xFF), e.proto)
         else:
-            head += _PORTS_PROTO.pack(o.sport, o.dport, e.proto)
+            keys = (src, dst, o.sport, o.dport, e.proto)
         if nat:
-            head += self._packed(r.dst, family) + self._packed(r.src, family)
+            keys += (addresses.get(r.dst) or self._packed(r.dst, family),
+                     addresses.get(r.src) or self._packed(r.src, family))
             if not icmp:
-                head += _PORTS.pack(r.dport, r.sport)
-        tail = _ZONE_MARK.pack(e.zone & 0xFFFF, e.mark & 0xFFFFFFFF)
-        if flow_direction is not None:
-            tail = bytes((flow_direction,)) + tail
-        return template, head, tail
+                keys += (r.dport, r.sport)
+        if flow_direction is None:
+            return template, head(*keys), tail(e.zone, e.mark)
+        return template, head(*keys), tail(flow_direction, e.zone, e.mark)
 
     def encode(self, e: FlowEvent, base: Counters, reason: int) -> tuple[Template, bytes]:
         """One data record: the event's totals, deltas since `base` (the
@@ -263,15 +281,18 @@ class RecordEncoder:
             _, template, head, tail = known
         octets, packets, reverse_octets, reverse_packets = \
             e.bytes_orig, e.packets_orig, e.bytes_reply, e.packets_reply
-        base_octets, base_packets, base_reverse_octets, base_reverse_packets = base
-        # Totals never go back; max() guards the deltas' unsigned fields all the same.
-        middle = _MIDDLE.pack((e.start_ns or e.ts_ns) // 1_000_000, (e.stop_ns or e.ts_ns) // 1_000_000,
-                              octets & _U64, packets & _U64,
-                              max(octets - base_octets, 0) & _U64, max(packets - base_packets, 0) & _U64,
-                              reverse_octets & _U64, reverse_packets & _U64,
-                              max(reverse_octets - base_reverse_octets, 0) & _U64,
-                              max(reverse_packets - base_reverse_packets, 0) & _U64, reason)
-        return template, head + middle + tail
+        d_octets, d_packets = octets - base[0], packets - base[1]
+        d_reverse_octets, d_reverse_packets = reverse_octets - base[2], reverse_packets - base[3]
+        if d_octets < 0 or d_packets < 0 or d_reverse_octets < 0 or d_reverse_packets < 0:
+            # Totals never go back; a base from another flow (an id collision) must
+            # still not wrap around the unsigned fields.
+            d_octets, d_packets = max(d_octets, 0), max(d_packets, 0)
+            d_reverse_octets, d_reverse_packets = max(d_reverse_octets, 0), max(d_reverse_packets, 0)
+        # Counters are the kernel's u64 values: no masking needed.
+        return template, head + _MIDDLE.pack(
+            (e.start_ns or e.ts_ns) // 1_000_000, (e.stop_ns or e.ts_ns) // 1_000_000,
+            octets, packets, d_octets, d_packets,
+            reverse_octets, reverse_packets, d_reverse_octets, d_reverse_packets, reason) + tail
 
 
 # -- messages --------------------------------------------------------------------

@@ -12,6 +12,7 @@ from .dummy import DummySink
 from .elasticsearch import ElasticsearchSink
 from .influxdb import InfluxDBSink
 from .influxdb_udp import InfluxDBUDPSink
+from .ipfix import IPFIXSink
 from .prometheus import PrometheusSink
 from .stdout import StdoutSink
 
@@ -21,6 +22,7 @@ SINKS: dict[str, type[Sink]] = {
     "elasticsearch": ElasticsearchSink,
     "prometheus": PrometheusSink,
     "influxdb": InfluxDBSink,
+    "ipfix": IPFIXSink,
     "dummy": DummySink,
     "influxdb-udp": InfluxDBUDPSink,
 }

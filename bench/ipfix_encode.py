@@ -39,7 +39,6 @@ from conntracct.ipfix_encoding import (  # noqa: E402
     RecordEncoder,
     Session,
     TemplateKey,
-    end_reason,
     pack_records,
 )
 from conntracct.sinks.ipfix import FlowDeltas  # noqa: E402
@@ -68,7 +67,7 @@ def conntracct_encode(events: list[FlowEvent]) -> int:
     encoder, deltas, session = RecordEncoder(), FlowDeltas(), Session(1)
     encode = encoder.encode
     records = [(template.id, record) for template, record in
-               (encode(e, d, end_reason(e)) for e, d in zip(events, deltas.bases(events), strict=True))]
+               (encode(e, d, e.end_reason) for e, d in zip(events, deltas.bases(events), strict=True))]
     size = 0
     for body in pack_records(records, MAX_MESSAGE):
         size += len(session.seal(body, 0))
@@ -113,7 +112,7 @@ def library_encode(events: list[FlowEvent]) -> int:
                    datetime.utcfromtimestamp((e.stop_ns or e.ts_ns) / 1e9),
                    e.bytes_orig, e.packets_orig, e.bytes_orig - base[0], e.packets_orig - base[1],
                    e.bytes_reply, e.packets_reply, e.bytes_reply - base[2], e.packets_reply - base[3],
-                   end_reason(e)]
+                   e.end_reason]
         if direction is not None:
             values.append(direction)
         values += [e.zone, e.mark]

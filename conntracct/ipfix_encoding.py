@@ -47,8 +47,6 @@ MESSAGE_HEADER = struct.Struct("!HHIII")   # version, length, export time, seque
 SET_HEADER = struct.Struct("!HH")          # set id, length
 MAX_MESSAGE = 65535                        # the header's length field
 
-# flowEndReason values (IANA IE 136).
-IDLE_TIMEOUT, ACTIVE_TIMEOUT, END_OF_FLOW, FORCED_END = 1, 2, 3, 4
 # flowDirection values (IANA IE 61), from the enricher's `direction` label;
 # `local` and `forward` flows are both ingress and egress here: no direction.
 FLOW_DIRECTIONS = {"inbound": 0, "outbound": 1}
@@ -112,7 +110,7 @@ OCTETS_DELTA = IE("octetDeltaCount", 1, "unsigned64", "bytes_orig since the flow
 PACKETS_DELTA = IE("packetDeltaCount", 2, "unsigned64", "packets_orig since the flow's previous exported record")
 COUNTERS = (OCTETS_TOTAL, PACKETS_TOTAL, OCTETS_DELTA, PACKETS_DELTA)
 REVERSE_COUNTERS = tuple(map(_reverse, COUNTERS))
-END_REASON = IE("flowEndReason", 136, "unsigned8", "kind: UPDATE 2 (active timeout); DESTROY 3 (TCP closed) or 1")
+END_REASON = IE("flowEndReason", 136, "unsigned8", "end_reason (flow.flow_end_reason)")
 DIRECTION = IE("flowDirection", 61, "unsigned8", "labels.direction: inbound 0, outbound 1")
 ZONE = IE("conntrackZone", 1, "unsigned16", "zone", ENTERPRISE)
 MARK = IE("conntrackMark", 2, "unsigned32", "mark", ENTERPRISE)
@@ -203,15 +201,6 @@ ZERO: Counters = (0, 0, 0, 0)
 
 def totals(e: FlowEvent) -> Counters:
     return (e.bytes_orig, e.packets_orig, e.bytes_reply, e.packets_reply)
-
-
-def end_reason(e: FlowEvent) -> int:
-    """flowEndReason of a record: an UPDATE is an active-timeout report; a
-    DESTROY ends the flow, seen to close if TCP got to FIN/RST states."""
-    # TODO(h4): replaced by FlowEvent.end_reason once the probe sets it.
-    if e.kind != "destroy":
-        return ACTIVE_TIMEOUT
-    return END_OF_FLOW if e.proto == 6 and 4 <= e.tcp_state <= 8 else IDLE_TIMEOUT
 
 
 _ADDRESS_CACHE_LIMIT = 65536

@@ -46,7 +46,6 @@ from ..ipfix_encoding import (
     Counters,
     RecordEncoder,
     Session,
-    end_reason,
     pack_records,
     template_bodies,
     totals,
@@ -227,7 +226,7 @@ class IPFIXSink(Sink):
         encode = self._encoder.encode
         records = []
         for e, base in zip(batch, self._deltas.bases(batch), strict=True):
-            template, record = encode(e, base, end_reason(e))
+            template, record = encode(e, base, e.end_reason)
             records.append((template.id, record))
         done = 0
         try:

@@ -196,6 +196,11 @@ def _check_tshark(tshark, nat, tcp6_sport):
         assert int(packet["cflow"]["cflow.sequence"]) == header["sequence"] == expected
         assert int(packet["cflow"]["cflow.od_id"]) == 7
         expected += len(records)
+    # flowEndReason: active timeout on the UPDATEs (the long ping has some),
+    # end of flow on the TCP DESTROYs (closed with FIN), idle timeout on the rest.
+    reasons = [(r["protocolIdentifier"], r["flowEndReason"]) for _, rs in decoded for r in rs]
+    assert (1, 2) in reasons and (6, 3) in reasons and (17, 1) in reasons, reasons
+    assert {reason for _, reason in reasons} <= {1, 2, 3}
     # Post-NAT IPv6 addresses, which nfdump and pmacct do not read: tshark's
     # dissector and the ipfix library do.
     v6 = [r for _, rs in decoded for r in rs if r.get("sourceTransportPort") == tcp6_sport]

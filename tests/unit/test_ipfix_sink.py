@@ -211,3 +211,19 @@ def test_tcp_templates_once_per_connection_and_reconnect():
     finally:
         sink.close()
         collector.close()
+
+
+def test_end_reasons_from_the_records():
+    from conntracct.flow import FLAG_END_UNSEEN
+
+    collector = UdpCollector()
+    sink = IPFIXSink(IPFIXConfig(type="ipfix", collector=f"127.0.0.1:{collector.port}"))
+    try:
+        sink.write([flow("update", flow_id=1),                                  # active timeout
+                    flow("destroy", flow_id=2, tcp_state=7, stop_ns=T0),        # TCP closed: end of flow
+                    flow("destroy", flow_id=3, proto=17, tcp_state=0, stop_ns=T0),   # idle timeout
+                    flow("destroy", flow_id=4, proto=17, tcp_state=0, stop_ns=T0, flags=FLAG_END_UNSEEN)])
+        reasons = [r["flowEndReason"] for _, rs in decode(collector.receive()) for r in rs]
+        assert reasons == [2, 3, 1, 4]
+    finally:
+        sink.close()

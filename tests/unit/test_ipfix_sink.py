@@ -227,3 +227,31 @@ def test_end_reasons_from_the_records():
         assert reasons == [2, 3, 1, 4]
     finally:
         sink.close()
+
+
+def test_ipv6_collector_and_the_mtu_bound():
+    """Over IPv6 a message leaves room for 40 bytes of IP and 8 of UDP header."""
+    receiver = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        receiver.bind(("::1", 0))
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    receiver.settimeout(0.2)
+    port = receiver.getsockname()[1]
+    sink = IPFIXSink(IPFIXConfig(type="ipfix", collector=f"[::1]:{port}", mtu=600))
+    try:
+        sink.write([flow("destroy", flow_id=i, orig=("2001:db8:1::2", "2001:db8:2::2", 30000 + i, 443),
+                         reply=("2001:db8:2::2", "2001:db8:2::1", 443, 30000 + i), stop_ns=T0)
+                    for i in range(40)])
+        messages = []
+        while True:
+            try:
+                messages.append(receiver.recv(65535))
+            except TimeoutError:
+                break
+        assert messages and max(map(len, messages)) <= 600 - 40 - 8
+        ports = [r["sourceTransportPort"] for _, rs in decode(messages) for r in rs]
+        assert ports == [30000 + i for i in range(40)]
+    finally:
+        sink.close()
+        receiver.close()

@@ -16,9 +16,12 @@ connections.  Over a window in the middle of the churn:
 - the probe's own run time in the kernel (BPF run statistics, through
   BPF_ENABLE_STATS), which the packet path pays, not the agent.
 
-The stages' shares of the on-CPU samples times the CPU seconds per flow
-give microseconds per flow per stage.  py-spy's stops cost the agent some
-CPU too: the shares are what is comparable, the total comes from the run.
+Each thread's own CPU seconds (/proc/PID/task) are shared out among the
+stages by that thread's samples (py-spy cannot tell a thread on a core from
+one waiting for one, so samples are only compared within a thread), and
+divided by the finished flows (DESTROY lines the agent wrote in the window).
+py-spy's stops cost the agent some CPU too: the split is what is
+comparable, P6 gives the agent's CPU per flow without a profiler.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import ProcessMeter, Report, agent_config, arguments, bpf_run_stats, need_root  # noqa: E402
+from common import CLK_TCK, ProcessMeter, Report, agent_config, arguments, bpf_run_stats, need_root  # noqa: E402
 
 BPF_PROG_TYPE_NETFILTER = 32
 
@@ -78,14 +81,46 @@ def classify(stack: list[str]) -> str:
     return "other (start-up, unknown thread)"
 
 
-def read_raw(path: Path) -> Counter:
-    """py-spy's raw format: 'thread (tid): name;frame;frame... count' per line."""
-    stages: Counter = Counter()
+def read_raw(path: Path) -> dict[int, tuple[str, Counter]]:
+    """py-spy's raw format, 'thread (tid): name;frame;frame... count' per
+    line: {thread id: (thread name, samples per stage)}."""
+    threads: dict[int, tuple[str, Counter]] = {}
     for line in path.read_text().splitlines():
         stack_text, _, count = line.rpartition(" ")
         frames = stack_text.split(";")
-        stages[classify(frames[1:])] += int(count)
-    return stages
+        head, _, name = frames[0].partition(": ")
+        tid = int(head.split("(", 1)[1].rstrip(")"), 0)
+        threads.setdefault(tid, (name, Counter()))[1][classify(frames[1:])] += int(count)
+    return threads
+
+
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds (user+system) of each of a process's threads, from /proc."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return out
+
+
+def attribute(threads: dict[int, tuple[str, Counter]], cpu: dict[int, float]) -> tuple[Counter, dict[str, float]]:
+    """CPU seconds per stage: each thread's own CPU (from /proc) shared out
+    by its samples' stages (py-spy cannot tell a running thread from one
+    waiting for a core, so samples are compared only within a thread).
+    Also: CPU seconds per thread name."""
+    stages: Counter = Counter()
+    per_thread: dict[str, float] = {}
+    for tid, (name, samples) in threads.items():
+        seconds = cpu.get(tid, 0.0)
+        per_thread[name] = per_thread.get(name, 0.0) + seconds
+        busy = sum(v for k, v in samples.items() if k != "waiting")
+        for stage, n in samples.items():
+            if stage != "waiting" and busy:
+                stages[stage] += seconds * n / busy
+    return stages, per_thread
 
 
 def program_time_ns(pid: int) -> tuple[int, int]:
@@ -126,32 +161,42 @@ def main() -> None:
             out = Path(agent.stdout_path.parent / "pyspy.txt")
             started = time.monotonic()
             deleted0 = _destroys_written(agent.stdout_path)
+            threads0 = thread_cpu(agent.proc.pid)
             spy = subprocess.run([args.py_spy, "record", "--native", "--threads", "-r", "100", "-d", str(int(window)),
                                   "-p", str(agent.proc.pid), "--format", "raw", "-o", str(out)],
                                  capture_output=True, text=True, timeout=window + 60)
             cpu, wall = meter.used(), time.monotonic() - started
+            threads1 = thread_cpu(agent.proc.pid)
             finished = _destroys_written(agent.stdout_path) - deleted0
             runs1, ns1 = program_time_ns(agent.proc.pid)
             churn.join()
-            stages = read_raw(out) if out.exists() else Counter()
+            threads = read_raw(out) if out.exists() else {}
             if args.keep_raw and out.exists():
                 shutil.copy(out, args.keep_raw)
-            if not stages:
+            if not threads:
                 sys.exit(f"py-spy recorded nothing: {spy.stderr[-2000:]}")
         finally:
             agent.stop(timeout=120)
             shutil.rmtree(agent.stdout_path.parent, ignore_errors=True)
-    on_cpu = sum(v for k, v in stages.items() if k != "waiting")
-    per_flow_us = cpu / max(finished, 1) * 1e6
-    report.details = {"stages": dict(stages), "cpu_s": cpu, "wall_s": wall, "finished": finished,
-                      "probe_runs": runs1 - runs0, "probe_ns": ns1 - ns0, "rate": args.rate, "kinds": args.kinds}
+    used = {tid: threads1[tid] - threads0.get(tid, 0.0) for tid in threads1}
+    stages, per_thread = attribute(threads, used)
+    flows = max(finished, 1)
+    per_flow_us = cpu / flows * 1e6
+    samples = Counter()
+    for _, counts in threads.values():
+        samples.update(counts)
+    report.details = {"stages_cpu_s": dict(stages), "threads_cpu_s": per_thread, "samples": dict(samples),
+                      "cpu_s": cpu, "wall_s": wall, "finished": finished, "probe_runs": runs1 - runs0,
+                      "probe_ns": ns1 - ns0, "rate": args.rate, "kinds": args.kinds}
     report.row(f"agent CPU per finished flow, {args.rate:,.0f} conn/s asked, kinds {args.kinds or 'default'}",
                f"{per_flow_us:.1f} µs",
-               note=f"{cpu:.2f} CPU-s over {wall:.1f} s for {finished:,} finished flows, py-spy attached")
-    for stage, samples in sorted(((k, v) for k, v in stages.items() if k != "waiting"), key=lambda kv: -kv[1]):
-        share = samples / on_cpu
-        report.row(f"  {stage}", f"{share * per_flow_us:.1f} µs", note=f"{share:.0%} of {on_cpu:,} on-CPU samples")
-    report.row("  (samples waiting: GIL, queue, epoll, sleep; not CPU)", f"{stages['waiting']:,}")
+               note=f"{cpu:.2f} CPU-s over {wall:.1f} s for {finished:,} finished flows, py-spy attached; "
+                    + ", ".join(f"thread {name} {sec / flows * 1e6:.1f} µs" for name, sec in
+                                sorted(per_thread.items(), key=lambda kv: -kv[1]) if sec))
+    for stage, seconds in sorted(stages.items(), key=lambda kv: -kv[1]):
+        report.row(f"  {stage}", f"{seconds / flows * 1e6:.1f} µs",
+                   note=f"{seconds / max(cpu, 1e-9):.0%} of the agent's CPU")
+    report.row("  (samples waiting: GIL, queue, epoll, sleep; not counted)", f"{samples['waiting']:,}")
     if runs1 > runs0:
         report.row("probe in the kernel's packet path, per finished flow (BPF run time)",
                    f"{(ns1 - ns0) / max(finished, 1) / 1000:.2f} µs",

@@ -34,16 +34,23 @@ def free_udp_port() -> int:
         return s.getsockname()[1]
 
 
-def _stop(proc: subprocess.Popen | None, nudge_port: int | None = None, timeout: float = 10) -> None:
-    """SIGTERM, a datagram to wake a collector blocked in recv, then SIGKILL."""
+# An empty IPFIX message (header only, observation domain 0): wakes a
+# collector blocked in recv without adding a record.
+_EMPTY_MESSAGE = struct.pack("!HHIII", 10, 16, 0, 0, 0)
+
+
+def _stop(proc: subprocess.Popen | None, nudge_port: int | None = None, timeout: float = 10,
+          sig: int = signal.SIGTERM) -> None:
+    """`sig`, an empty message now and then to wake a collector blocked in
+    recv, then SIGKILL."""
     if proc is None or proc.poll() is not None:
         return
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(sig)
     deadline = time.monotonic() + timeout
     while proc.poll() is None and time.monotonic() < deadline:
         if nudge_port:
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                s.sendto(b"\0", ("127.0.0.1", nudge_port))
+                s.sendto(_EMPTY_MESSAGE, ("127.0.0.1", nudge_port))
         time.sleep(0.2)
     if proc.poll() is None:
         proc.kill()
@@ -150,10 +157,11 @@ nfacctd_time_new: false
         return records
 
     def stop(self) -> None:
-        # nfacctd leaves its receive loop only when one more packet arrives;
-        # its process group holds the plugin too.
+        # nfacctd leaves its receive loop only when one more packet arrives
+        # (and ignores SIGTERM there: SIGINT, then it purges the plugin and
+        # exits); its process group holds the plugin too.
         if self.proc is not None and self.proc.poll() is None:
-            _stop(self.proc, nudge_port=self.port)
+            _stop(self.proc, nudge_port=self.port, sig=signal.SIGINT)
         if self.proc is not None:
             try:
                 os.killpg(self.proc.pid, signal.SIGKILL)

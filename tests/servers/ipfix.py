@@ -194,6 +194,7 @@ class Tshark:
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"tshark did not start: {(self.dir / 'tshark.log').read_text()}")
             time.sleep(0.05)
+        time.sleep(1.0)   # "Capturing on" comes a moment before dumpcap's filter is live
         return self
 
     def stop(self) -> None:
@@ -213,9 +214,16 @@ class Tshark:
         """Every captured packet as `tshark -T json` layers."""
         return [p["_source"]["layers"] for p in json.loads(self._read("-T", "json") or "[]")]
 
-    def warnings(self) -> str:
-        """Expert-info lines (malformed packets, dissector warnings)."""
-        return self._read("-q", "-z", "expert,warn")
+    def problems(self) -> list[str]:
+        """What the dissector found wrong: expert-info warnings and errors
+        (malformed packets, unusable templates), and packets it shows as a
+        "partial flow" (a message longer than its datagram, which raises no
+        expert info).  Empty for a clean capture."""
+        expert = [line.strip() for line in self._read("-q", "-z", "expert,warn").splitlines()
+                  if line.strip() and not line.startswith(("=", "Warns", "Errors", "   Frequency"))]
+        partial = [line.strip() for line in self._read().splitlines()
+                   if "partial flow" in line or "Malformed" in line]
+        return expert + partial
 
     def payloads(self) -> list[bytes]:
         """The UDP payloads (IPFIX messages), in capture order."""

@@ -255,3 +255,45 @@ def test_ipv6_collector_and_the_mtu_bound():
     finally:
         sink.close()
         receiver.close()
+
+
+class _FailingSocket:
+    """A socket whose send fails from the `fail_at`-th call on (1-based)."""
+
+    def __init__(self, sock: socket.socket, fail_at: int):
+        self._sock, self._fail_at, self.calls = sock, fail_at, 0
+
+    def send(self, data: bytes) -> int:
+        self.calls += 1
+        if self.calls >= self._fail_at:
+            raise ConnectionRefusedError(111, "Connection refused")
+        return self._sock.send(data)
+
+    def close(self) -> None:
+        self._sock.close()
+
+
+def test_a_failed_send_mid_batch_is_a_partial_write_retried_with_the_same_deltas():
+    collector = UdpCollector()
+    sink = IPFIXSink(IPFIXConfig(type="ipfix", collector=f"127.0.0.1:{collector.port}", mtu=400,
+                                 template_refresh_messages=1000))
+    try:
+        sink.write([flow("update", flow_id=i, packets_orig=1, bytes_orig=100, stop_ns=0) for i in range(6)])
+        before = collector.receive()
+        batch = [flow("destroy", flow_id=i, packets_orig=5, bytes_orig=500, stop_ns=T0, ts_ns=T0 + 1)
+                 for i in range(6)]
+        sink._sock = _FailingSocket(sink._sock, fail_at=2)   # the second message fails
+        result = sink.write(batch)
+        first = collector.receive()
+        sent = [r for _, rs in decode(before + first)[len(before):] for r in rs]
+        assert 0 < len(sent) < 6 and list(result.retry) == batch[len(sent):] and not result.rejected
+        sink._sock = sink._sock._sock
+        assert sink.write(list(result.retry)) is None      # the pipeline's retry
+        again = collector.receive()
+        assert _template_ids(again[0])                      # the failure re-sends the templates
+        retried = [r for _, rs in decode(before + first + again)[len(before + first):] for r in rs]
+        assert len(retried) == 6 - len(sent)
+        # The deltas the first attempt had: 400 bytes, 4 packets since the UPDATE.
+        assert {(r["octetDeltaCount"], r["packetDeltaCount"]) for r in sent + retried} == {(400, 4)}
+    finally:
+        sink.close()

@@ -164,19 +164,27 @@ def decode(raw: bytes, wall_offset_ns: int) -> FlowEvent:
 
 
 _U64 = (1 << 64) - 1
+# struct flow_record's fields in order, with the length of those that are
+# arrays of numbers (packets[2]...), 0 for the others.
+_PACK_ORDER = [(f.name, f.count if f.ctype != "u8" and not f.ctype.startswith("struct") and f.count > 1 else 0)
+               for f in RECORD_LAYOUT.fields if not f.padding]
 
 
-def pack_record(*, kind: str, orig: bytes, reply: bytes, netns: int, zone: int, start_ns: int = 0,
-                stop_ns: int = 0, first_seen: int = 0, ts: int = 0, packets: tuple[int, int] = (0, 0),
-                bytes: tuple[int, int] = (0, 0), delta_packets: tuple[int, int] = (0, 0),  # noqa: A002
-                delta_bytes: tuple[int, int] = (0, 0), status: int = 0, mark: int = 0, tcp_state: int = 0,
-                flags: int = 0) -> bytes:
-    """A struct flow_record from its fields, by name (ts: monotonic ns, as the
-    probe stamps it).  Counter differences wrap as the probe's u64 do."""
-    return RECORD.pack(ts, start_ns, stop_ns, first_seen, *packets, *bytes,
-                       delta_packets[0] & _U64, delta_packets[1] & _U64,
-                       delta_bytes[0] & _U64, delta_bytes[1] & _U64, status, orig, reply,
-                       netns, mark, zone, KIND_NUMBERS[kind], tcp_state, flags)
+def pack_record(*, kind: str, **fields) -> bytes:
+    """A struct flow_record from its fields by their names in bpf/record.h
+    (kind by name; arrays as tuples; ts in the probe's clock).  Fields not
+    given are 0; array values wrap as the probe's u64 do."""
+    fields["kind"] = KIND_NUMBERS[kind]
+    values: list = []
+    for name, length in _PACK_ORDER:
+        value = fields.pop(name, 0)
+        if length:
+            values.extend(v & _U64 for v in (value or (0,) * length))
+        else:
+            values.append(value)
+    if fields:
+        raise TypeError(f"struct flow_record has no field {', '.join(sorted(fields))}")
+    return RECORD.pack(*values)
 
 
 def flow_key(orig: bytes, netns: int, zone: int, start_ns: int) -> bytes:

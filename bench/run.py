@@ -47,6 +47,7 @@ SINK_BENCHMARKS = [
     ("es_sink_throughput.py", [], ["--records", "2000", "--batch", "500"]),
     ("influx_sink_throughput.py", [], None),     # real servers: not in the smoke run
     ("enrich_ranges.py", [], ["--smoke"]),       # range labels: records/s with 10 to 10,000 ranges
+    ("ipfix_encode.py", [], ["--smoke"]),        # IPFIX records/s: struct encoder vs the ipfix library
 ]
 START, END = "<!-- results:start -->", "<!-- results:end -->"
 RESULTS = BENCH / "results"

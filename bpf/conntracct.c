@@ -11,6 +11,16 @@
 
 #include <uapi/linux/ptrace.h>
 
+#ifdef MODE_NETFILTER
+// BCC decides whether the kernel has bpf_probe_read_kernel by reading
+// /proc/kallsyms, which it only does as uid 0; otherwise it prepends
+// "#define bpf_probe_read_kernel bpf_probe_read".  Netfilter programs may not
+// call bpf_probe_read, and this mode needs Linux 6.4, which has the _kernel
+// helper: undo the define so an unprivileged agent (CAP_BPF, CAP_PERFMON,
+// CAP_NET_ADMIN, README "Least privilege") loads the same program as root.
+#undef bpf_probe_read_kernel
+#endif
+
 #include "record.h"   // record layout, kinds, flags, stats and settings indexes
 #include "fastpath.h" // the fast path's start read, hint index and tag (bench/p1_hook_cost.py times them)
 

@@ -5,11 +5,13 @@ support_kfunc() says yes on kernels where fentry fails with EPERM)."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import platform
 from dataclasses import dataclass
 from pathlib import Path
 
+from .. import instance, netns, privileges
 from . import bpfsys
 from .btf import BTFError, kernel_btf
 from .loader import MODES, REFRESH_FUNC, ProbeError, destroy_func, ensure_tracefs, explain, fentry_unreachable
@@ -47,10 +49,11 @@ def _quiet_bpf(text: str):
 
 
 def check_privileges() -> Check:
-    if os.geteuid() == 0:
-        return Check("privileges", True, "running as root")
-    return Check("privileges", False, "not root: loading BPF programs needs root "
-                                      "(or CAP_BPF, CAP_PERFMON, CAP_NET_ADMIN, CAP_SYS_ADMIN)")
+    """The capabilities the agent needs (measured: conntracct/privileges.py), not root as such."""
+    lacking = privileges.problem(None)
+    if lacking:
+        return Check("privileges", False, lacking)
+    return Check("privileges", True, privileges.describe())
 
 
 def check_bcc() -> Check:
@@ -125,17 +128,31 @@ def try_kprobe() -> Check:
 
 
 def try_netfilter() -> Check:
+    """The kernel allows one BPF netfilter program per hook and priority
+    (EBUSY): when the probe's priority is taken, by a running agent or
+    anything else, the next one is tried, so the answer is still whether the
+    mode works here, and who holds the probe's priority is named."""
+    ours = bpfsys.PRIORITY_AFTER_CONNTRACK
+    busy = ""
     try:
         b = _quiet_bpf("int probe(void *ctx) { return 1; }")
         try:
             fn = b.load_func(b"probe", bpfsys.BPF_PROG_TYPE_NETFILTER, attach_type=bpfsys.BPF_NETFILTER)
             family, hook = bpfsys.PROBE_HOOKS[0]
-            os.close(bpfsys.link_netfilter(fn.fd, family, hook))
+            try:
+                os.close(bpfsys.link_netfilter(fn.fd, family, hook))
+            except OSError as e:
+                if e.errno != errno.EBUSY:
+                    raise
+                os.close(bpfsys.link_netfilter(fn.fd, family, hook, ours + 1))
+                busy = f"; priority {ours} is busy: {instance.busy_cause(netns.inode(), ours)}"
         finally:
             b.cleanup()
     except Exception as e:
-        return Check("netfilter", False, f"BPF netfilter link: {explain(e)} (needs Linux 6.4+)")
-    return Check("netfilter", True, "BPF_PROG_TYPE_NETFILTER links attach (this network namespace)")
+        text = explain(e)
+        denied = "not permitted" in text or "super-user" in text or "busy" in text
+        return Check("netfilter", False, f"BPF netfilter link: {text}" + ("" if denied else " (needs Linux 6.4+)"))
+    return Check("netfilter", True, f"BPF_PROG_TYPE_NETFILTER links attach (this network namespace){busy}")
 
 
 def check_ctnetlink() -> Check:

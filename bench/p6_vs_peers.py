@@ -77,6 +77,7 @@ PEERS = BENCH / "peers"
 BPF_PROG_TYPE_NETFILTER = 32
 TOOLS = ("none", "conntracct", "conntracct-destroy", "ulogd2", "conntrack-E", "pmacctd", "poller")
 NETLINK_RCVBUF = 64 << 20
+RSS_TARGET_MB = 64
 ULOGD_PLUGINS = ("/usr/lib/x86_64-linux-gnu/ulogd", "/usr/lib/aarch64-linux-gnu/ulogd", "/usr/lib/ulogd")
 
 
@@ -498,10 +499,21 @@ def churn_rows(report: Report, runs: list[dict], seconds: float) -> None:
                 rss = "nothing attached"
             lost = f", lost {r['lost']}" if r.get("lost") and any(r["lost"].values()) else ""
             measured = f"{us:.1f} µs" if us is not None else f"{r['rate']:,.0f}/s"
+            target, ok = "", None
+            if name.startswith("conntracct") and ref_us:
+                # The goal: no more CPU per finished flow than ulogd2, with zero loss.
+                target = "<= ulogd2, lossless"
+                ok = us <= ref_us and reported == r["kernel_destroys"] and r.get("exact", False)
             report.row(f"  {name}: {r['completed']:,} made ({r['rate']:,.0f}/s), {r['kernel_destroys']:,} "
-                       f"destroyed; reported {share}{exact}", measured,
+                       f"destroyed; reported {share}{exact}", measured, target, ok,
                        note=f"{r['cpu_s']:.2f} CPU-s{ratio}; {rss}"
                             + (f", HWM {r['hwm_kb'] / 1024:.0f} MB" if name != "none" else "") + lost)
+        ours = tools.get("conntracct")
+        if ours:
+            report.row("  conntracct (default configuration): RSS, peak during the run",
+                       f"{ours['rss_peak_kb'] / 1024:.0f} MB", f"<= {RSS_TARGET_MB} MB",
+                       ours["rss_peak_kb"] <= RSS_TARGET_MB * 1024,
+                       note=f"VmHWM {ours['hwm_kb'] / 1024:.0f} MB (start-up: BCC's compile)")
 
 
 def runs_of(runs: list[dict], name: str) -> list[dict]:

@@ -92,7 +92,7 @@ static int server(int ndest, char **dests)
             int fd = (int)(uint32_t)evs[i].data.u64;
             if (evs[i].data.u64 >> 32) {
                 for (;;) {
-                    int c = accept4(fd, NULL, NULL, SOCK_NONBLOCK);
+                    int c = accept_into(fd, ep);
                     if (c < 0) {
                         if (errno != EAGAIN && errno != EINTR)
                             errors++;
@@ -103,8 +103,6 @@ static int server(int ndest, char **dests)
                     accepted++;
                     if (++open_now > open_peak)
                         open_peak = open_now;
-                    struct epoll_event cev = {.events = EPOLLIN | EPOLLRDHUP, .data.u64 = (uint32_t)c};
-                    epoll_ctl(ep, EPOLL_CTL_ADD, c, &cev);
                 }
                 continue;
             }

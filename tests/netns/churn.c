@@ -119,15 +119,13 @@ static int tcp_server(const char *addr, int port)
             int fd = evs[i].data.fd;
             if (fd == ls) {
                 for (;;) {
-                    int c = accept4(ls, NULL, NULL, SOCK_NONBLOCK);
+                    int c = accept_into(ls, ep);
                     if (c < 0) {
                         if (errno != EAGAIN && errno != EINTR)
                             count_err(errno);
                         break;
                     }
                     accepted++;
-                    struct epoll_event cev = {.events = EPOLLIN | EPOLLRDHUP, .data.fd = c};
-                    epoll_ctl(ep, EPOLL_CTL_ADD, c, &cev);
                 }
                 continue;
             }

@@ -7,9 +7,11 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 #include <time.h>
 
@@ -37,6 +39,19 @@ static void helper_init(void)
     sigaction(SIGTERM, &sa, NULL);
     sigaction(SIGINT, &sa, NULL);
     setvbuf(stdout, NULL, _IOLBF, 0);
+}
+
+/* Accept one pending connection, non-blocking, watched for input on `ep`
+ * (event data: the fd, upper 32 bits 0).  -1 when none is left (errno
+ * EAGAIN or EINTR) or on an error. */
+static int accept_into(int ls, int ep)
+{
+    int c = accept4(ls, NULL, NULL, SOCK_NONBLOCK);
+    if (c < 0)
+        return -1;
+    struct epoll_event cev = {.events = EPOLLIN | EPOLLRDHUP, .data.u64 = (uint32_t)c};
+    epoll_ctl(ep, EPOLL_CTL_ADD, c, &cev);
+    return c;
 }
 
 /* The address family; exits 2 on an address that is neither. */

@@ -129,36 +129,23 @@ def decode(raw: bytes, wall_offset_ns: int) -> FlowEvent:
     FlowEvent is made from probe data."""
     if type(raw) is not bytes:
         raw = bytes(raw)
-    (ts, start, stop, first_seen, po, pr, bo, br, dpo, dpr, dbo, dbr, status) = _COUNTERS.unpack_from(raw)
-    netns, mark, zone, kind, tcp_state, flags = _TAIL.unpack_from(raw, _TAIL_AT)
+    e = _new(FlowEvent)
+    # Straight from the record's fields into the event's, by name.
+    (ts, e.start_ns, e.stop_ns, first_seen, e.packets_orig, e.packets_reply, e.bytes_orig, e.bytes_reply,
+     e.delta_packets_orig, e.delta_packets_reply, e.delta_bytes_orig, e.delta_bytes_reply,
+     e.status) = _COUNTERS.unpack_from(raw)
+    e.netns, e.mark, e.zone, kind, e.tcp_state, e.flags = _TAIL.unpack_from(raw, _TAIL_AT)
+    e.ts_ns = ts + wall_offset_ns
+    e.kind = KIND_CODES[kind]
     key = raw[_IDENTITY]
-    id_start = start or first_seen
+    id_start = e.start_ns or first_seen
     known = _flows.get(key)
     if known is None or known[0] != id_start:
-        known = _identity(raw, netns, zone, id_start)
+        known = _identity(raw, e.netns, e.zone, id_start)
         if len(_flows) >= FLOW_MEMO_LIMIT:
             _flows.clear()
         _flows[key] = known
-    e = _new(FlowEvent)
     _, e.flow_id, e.family, e.proto, e.orig, e.reply, e.icmp, e.memo = known
-    e.kind = KIND_CODES[kind]
-    e.packets_orig = po
-    e.bytes_orig = bo
-    e.packets_reply = pr
-    e.bytes_reply = br
-    e.delta_packets_orig = dpo
-    e.delta_bytes_orig = dbo
-    e.delta_packets_reply = dpr
-    e.delta_bytes_reply = dbr
-    e.start_ns = start
-    e.stop_ns = stop
-    e.ts_ns = ts + wall_offset_ns
-    e.zone = zone
-    e.mark = mark
-    e.netns = netns
-    e.status = status
-    e.tcp_state = tcp_state
-    e.flags = flags
     e.labels = {}
     return e
 

@@ -34,13 +34,14 @@ def lock_dir() -> Path:
     return Path(runtime) if runtime else DEFAULT_DIR
 
 
-def lock_path(inode: int) -> Path:
-    return lock_dir() / f"netns-{inode}.lock"
+def lock_path(inode: int, directory: Path | None = None) -> Path:
+    return (directory or lock_dir()) / f"netns-{inode}.lock"
 
 
-def holder(inode: int) -> int | None:
-    """The pid of the agent accounting this namespace, or None."""
-    path = lock_path(inode)
+def holder(inode: int, directory: Path | None = None) -> int | None:
+    """The pid of the agent accounting this namespace, or None (-1: a holder
+    that wrote no pid)."""
+    path = lock_path(inode, directory)
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:
@@ -100,7 +101,9 @@ class InstanceLock:
 def busy_cause(inode: int, priority: int) -> str:
     """Why a BPF netfilter link at `priority` got EBUSY in this namespace:
     the kernel allows one BPF program per hook and priority."""
-    pid = holder(inode)
+    # another agent's lock may be in the default directory when ours is not
+    pids = [holder(inode, d) for d in dict.fromkeys((lock_dir(), DEFAULT_DIR))]
+    pid = next((p for p in pids if p and p != os.getpid()), None)
     if pid:
         who = f"pid {pid}" if pid > 0 else "a process"
         return (f"its hooks at priority {priority} are held by another conntracct ({who}) accounting this "

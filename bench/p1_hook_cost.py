@@ -305,7 +305,6 @@ class Baselines:
     def __init__(self, ns_path: str):
         from bcc import BPF
 
-        from conntracct import netns
         from conntracct.probe import bpfsys
         from conntracct.probe.loader import ProbeSettings, cflags
 

@@ -45,7 +45,6 @@ ENTERPRISE = -1         # IE.pen placeholder: the configured PEN
 
 MESSAGE_HEADER = struct.Struct("!HHIII")   # version, length, export time, sequence, domain
 SET_HEADER = struct.Struct("!HH")          # set id, length
-MAX_MESSAGE = 65535                        # the header's length field
 
 # flowDirection values (IANA IE 61), from the enricher's `direction` label;
 # `local` and `forward` flows are both ingress and egress here: no direction.
@@ -120,10 +119,19 @@ IES = (SRC4, DST4, SRC6, DST6, SPORT, DPORT, PROTO, ICMP4, ICMP6, NAT_SRC4, NAT_
        NAT_DST6, NAT_SPORT, NAT_DPORT, START, END, *COUNTERS, *REVERSE_COUNTERS, END_REASON,
        DIRECTION, ZONE, MARK)
 
+_STRUCT_CODES = {"unsigned8": "B", "unsigned16": "H", "unsigned32": "I", "unsigned64": "Q",
+                 "ipv4Address": "4s", "ipv6Address": "16s", "dateTimeMilliseconds": "Q"}
+
+
+def _struct(ies: tuple[IE, ...]) -> struct.Struct:
+    """The packer of these elements, in order, in network byte order."""
+    return struct.Struct("!" + "".join(_STRUCT_CODES[ie.type] for ie in ies))
+
+
 # The per-record part, the same in every template: start, end, forward
 # total/delta octets/packets, reverse ones, end reason.
 _MIDDLE_IES = (START, END, *COUNTERS, *REVERSE_COUNTERS, END_REASON)
-_MIDDLE = struct.Struct("!QQQQQQQQQQB")
+_MIDDLE = _struct(_MIDDLE_IES)
 
 
 class TemplateKey(NamedTuple):
@@ -131,14 +139,6 @@ class TemplateKey(NamedTuple):
     icmp: bool
     nat: bool
     direction: bool    # flowDirection present
-
-
-_STRUCT_CODES = {"unsigned8": "B", "unsigned16": "H", "unsigned32": "I", "unsigned64": "Q",
-                 "ipv4Address": "4s", "ipv6Address": "16s", "dateTimeMilliseconds": "Q"}
-
-
-def _struct(ies: tuple[IE, ...]) -> struct.Struct:
-    return struct.Struct("!" + "".join(_STRUCT_CODES[ie.type] for ie in ies))
 
 
 @dataclass(frozen=True)
@@ -327,11 +327,10 @@ def pack_records(records: Iterable[tuple[int, bytes]], max_size: int) -> Iterato
         yield Body(_sets(groups), count)
 
 
-def template_bodies(max_size: int, pen: int, templates: Iterable[Template] | None = None) -> list[Body]:
-    """Every template (or those given) in template sets, as few message
-    bodies as `max_size` allows."""
-    specs = [(TEMPLATE_SET_ID, t.record_spec(pen))
-             for t in (TEMPLATES.values() if templates is None else templates)]
+def template_bodies(max_size: int, pen: int) -> list[Body]:
+    """Every template in template sets, as few message bodies as `max_size`
+    allows."""
+    specs = [(TEMPLATE_SET_ID, t.record_spec(pen)) for t in TEMPLATES.values()]
     # Template records are not data records: they do not count in sequence numbers.
     return [Body(body.sets, 0) for body in pack_records(specs, max_size)]
 

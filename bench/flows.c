@@ -70,13 +70,7 @@ static int server(int ndest, char **dests)
         struct sockaddr_storage ss;
         socklen_t sl;
         int fam = parse_dest(dests[i], &ss, &sl);
-        int one = 1;
-        int ls = socket(fam, SOCK_STREAM | SOCK_NONBLOCK, 0);
-        setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-        if (bind(ls, (struct sockaddr *)&ss, sl) || listen(ls, 65535)) {
-            perror("bind/listen");
-            return 2;
-        }
+        int ls = listen_tcp(fam, &ss, sl);
         struct epoll_event ev = {.events = EPOLLIN, .data.u64 = (1ULL << 32) | (uint32_t)ls};
         epoll_ctl(ep, EPOLL_CTL_ADD, ls, &ev);
         listeners[nl++] = ls;

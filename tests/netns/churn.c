@@ -97,13 +97,7 @@ static int tcp_server(const char *addr, int port)
     struct sockaddr_storage ss;
     socklen_t sl;
     int fam = parse_addr(addr, port, &ss, &sl);
-    int one = 1;
-    int ls = socket(fam, SOCK_STREAM | SOCK_NONBLOCK, 0);
-    setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    if (bind(ls, (struct sockaddr *)&ss, sl) || listen(ls, 65535)) {
-        perror("bind/listen");
-        return 2;
-    }
+    int ls = listen_tcp(fam, &ss, sl);
     int ep = epoll_create1(0);
     struct epoll_event ev = {.events = EPOLLIN, .data.fd = ls};
     epoll_ctl(ep, EPOLL_CTL_ADD, ls, &ev);

@@ -41,6 +41,20 @@ static void helper_init(void)
     setvbuf(stdout, NULL, _IOLBF, 0);
 }
 
+/* A non-blocking TCP listener (SO_REUSEADDR, backlog 65535); exits 2
+ * when it cannot bind or listen. */
+static int listen_tcp(int fam, const struct sockaddr_storage *ss, socklen_t sl)
+{
+    int one = 1;
+    int ls = socket(fam, SOCK_STREAM | SOCK_NONBLOCK, 0);
+    setsockopt(ls, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+    if (bind(ls, (const struct sockaddr *)ss, sl) || listen(ls, 65535)) {
+        perror("bind/listen");
+        exit(2);
+    }
+    return ls;
+}
+
 /* Accept one pending connection, non-blocking, watched for input on `ep`
  * (event data: the fd, upper 32 bits 0).  -1 when none is left (errno
  * EAGAIN or EINTR) or on an error. */

@@ -215,9 +215,25 @@ def _check_sinks(sinks: list[SinkConfig]) -> list[SinkConfig]:
             errors.append(((i, "name"), f"duplicate sink name {sink.name!r} (also sinks[{first[sink.name]}]); "
                                         "give each sink its own `name` (it defaults to the type)", sink.name))
         first.setdefault(sink.name, i)
+    errors += _shared_spools(sinks)
     if errors:
         raise config_errors(errors)
     return sinks
+
+
+def _shared_spools(sinks: list[SinkConfig]) -> list:
+    """A spool directory belongs to one sink (its file is locked by it)."""
+    owner: dict[str, int] = {}
+    errors = []
+    for i, sink in enumerate(sinks):
+        if sink.spool is None:
+            continue
+        path = os.path.realpath(sink.spool.path)
+        if path in owner:
+            errors.append(((i, "spool", "path"), f"also the spool of sinks[{owner[path]}]; "
+                                                 "give each sink its own spool directory", sink.spool.path))
+        owner.setdefault(path, i)
+    return errors
 
 
 # -- the whole file ----------------------------------------------------------

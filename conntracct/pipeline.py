@@ -18,6 +18,7 @@ merges them back in order when a batch is taken.
 from __future__ import annotations
 
 import logging
+import sqlite3
 import threading
 import time
 from collections import deque
@@ -26,9 +27,21 @@ from itertools import chain, islice
 from operator import attrgetter, itemgetter
 
 from .flow import DESTROY, KINDS, FlowEvent
-from .selfmetrics import PERMANENT_ERROR, QUEUE_FULL, RETRIES_EXHAUSTED, SHUTDOWN, SinkStats, Stats
+from .selfmetrics import (
+    DISK_FULL,
+    PERMANENT_ERROR,
+    QUEUE_FULL,
+    RETRIES_EXHAUSTED,
+    SHUTDOWN,
+    SPOOL_CORRUPT,
+    SPOOL_ERROR,
+    SPOOL_FULL,
+    SinkStats,
+    Stats,
+)
 from .sinks import Sink, SinkConfig, create_sink
-from .sinks.base import ACCEPTED, TransientSinkError, WriteResult
+from .sinks.base import ACCEPTED, SinkError, TransientSinkError, WriteResult
+from .spool import Spool, SpoolError, is_disk_full
 
 log = logging.getLogger(__name__)
 
@@ -303,6 +316,257 @@ class SinkWorker:
                 self._inflight = list(retrying)
 
 
+class SpoolingWorker(SinkWorker):
+    """A sink worker with a disk spool (`spool:` in the sink's config).
+
+    What the memory queue cannot hold goes to the spool instead of being
+    dropped, and from then on every new record goes there too, behind it,
+    until the spool is empty again: records older than the spool's are all in
+    memory, newer ones all on disk, so the sink gets them in offer order
+    (per flow, NEW, UPDATEs, DESTROY) even across a restart.  The worker
+    writes what memory holds first, then reads the spool a batch at a time
+    and deletes a batch only once the sink has answered for it: at least
+    once.  Transient errors are retried without limit (retry.max_attempts
+    does not apply: waiting is what the spool is for); what the sink rejects
+    is dropped as usual.  At shutdown, what memory still holds when the drain
+    deadline passes goes to the front of the spool instead of being dropped.
+
+    The reader thread never touches the disk: offer() puts the overflow in a
+    list that a second thread (spool writer) stores, one transaction a batch."""
+
+    WRITE_INTERVAL = 0.05   # seconds the spool writer gathers overflow before a transaction
+
+    def __init__(self, name: str, sink: Sink, settings: SinkConfig, stats: SinkStats,
+                 clock: Clock = time.monotonic):
+        super().__init__(name, sink, settings, stats, clock)
+        assert settings.spool is not None
+        self.spool = Spool(settings.spool.path, settings.spool.max_size, name)
+        try:
+            self.spool.open()
+        except (SpoolError, sqlite3.Error) as exc:
+            raise SinkError(f"sink {name}: spool.path: {exc}") from None
+        self._overflow: list[FlowEvent] = []   # offered while spilling, not yet on disk
+        self._storing = 0                        # records the spool writer is storing now
+        self._spilling = self.spool.records > 0  # new records go to the spool (it is not empty)
+        self._from_disk = False                  # the batch in flight was read from the spool
+        self._writer_done = False
+        self._spool_errors = ErrorLog(name, clock=clock)
+        self._writer = threading.Thread(target=self._store_overflow, name=f"spool-{name}", daemon=True)
+        stats.spool = self._spool_figures
+        if self.spool.records:
+            oldest = self.spool.oldest_ts()
+            log.info("sink %s: %d records spooled before this start (the oldest from %s) are delivered first",
+                     name, self.spool.records, time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime((oldest or 0) / 1e9)))
+
+    def _spool_figures(self) -> dict[str, int | float]:
+        oldest = self.spool.oldest_ts()
+        return {"records": self.spool.records, "bytes": self.spool.bytes,
+                "oldest_age_seconds": max(time.time() - oldest / 1e9, 0.0) if oldest else 0.0,
+                "pending": len(self._overflow) + self._storing}
+
+    # -- reader thread -----------------------------------------------------
+
+    def offer(self, event: FlowEvent) -> bool:
+        with self._lock:
+            self._seq = seq = self._seq + 1
+            if not self._accepting:
+                self._stats.add_dropped(SHUTDOWN, event.kind)
+                return False
+            if not self._spilling:
+                size = len(self._destroys) + len(self._others)
+                if size < self._capacity:
+                    (self._destroys if event.kind == DESTROY else self._others).append((seq, event))
+                    if size == 0:
+                        self._oldest = self._clock()
+                        self._ready.notify_all()
+                    elif size + 1 == self._batch_size:
+                        self._ready.notify_all()
+                    return True
+                self._spilling = True
+            overflow = self._overflow
+            if len(overflow) >= self._capacity:   # the disk cannot keep up: as a full memory queue
+                self._stats.add_dropped(QUEUE_FULL, event.kind)
+                return False
+            overflow.append(event)
+            if len(overflow) == 1:
+                self._ready.notify_all()
+        return True
+
+    # -- control -----------------------------------------------------------
+
+    SPOOL_GRACE = 5.0   # seconds past the drain deadline to put memory's records in the spool
+
+    def start(self) -> None:
+        self._writer.start()
+        super().start()
+
+    def close(self, deadline: float) -> None:
+        super().close(deadline)
+        if self._writer.ident is None:
+            self._writer.start()
+
+    def join(self, timeout: float) -> bool:
+        return super().join(timeout + self.SPOOL_GRACE)
+
+    def abandon(self) -> int:
+        """Put what memory still holds at the front of the spool (older than
+        every spooled row), store the overflow behind it, close the spool.
+        What cannot be stored counts as dropped (shutdown)."""
+        with self._lock:
+            if self._abandoned:
+                return 0
+            self._abandoned = True
+            held = ([] if self._from_disk else self._inflight) + \
+                [e for _, e in sorted(chain(self._destroys, self._others))]
+            self._destroys.clear()
+            self._others.clear()
+            self._inflight = []
+            self._writer_done = True
+            self._ready.notify_all()
+        self._writer.join(5.0)
+        lost = 0
+        if held:
+            try:
+                dropped = self.spool.prepend(held)
+                self._stats.add_spooled(len(held) - len(dropped))
+            except (sqlite3.Error, SpoolError) as exc:
+                self._spool_errors.error("could not spool the records held in memory", exc)
+                dropped = held
+            self._stats.add_dropped_events(SPOOL_FULL, dropped)
+            lost += len(dropped)
+        self.spool.release()
+        self.spool.close()
+        if held and not lost:
+            log.info("sink %s: %d records held in memory at shutdown were spooled", self.name, len(held))
+        return lost
+
+    # -- spool writer thread -------------------------------------------------
+
+    def _store_overflow(self) -> None:
+        try:
+            while (events := self._next_overflow()) is not None:
+                self._store(events)
+        except Exception:
+            log.exception("sink %s: spool writer failed", self.name)
+
+    def _next_overflow(self) -> list[FlowEvent] | None:
+        """The overflow gathered since the last transaction (waiting up to
+        WRITE_INTERVAL for more, unless a batch is there); None once done."""
+        with self._lock:
+            while not self._overflow:
+                if self._writer_done:
+                    return None
+                self._ready.wait(0.5)
+            if len(self._overflow) < self._batch_size and not self._writer_done:
+                self._ready.wait(self.WRITE_INTERVAL)
+            events, self._overflow = self._overflow, []
+            self._storing = len(events)
+            return events
+
+    def _store(self, events: list[FlowEvent]) -> None:
+        try:
+            dropped = self.spool.append(events)
+            reason = SPOOL_FULL
+            if dropped:
+                self._spool_errors.report("spool full", "max_size",
+                                          f"{len(dropped)} records dropped (NEW/UPDATE first)")
+        except sqlite3.Error as exc:
+            dropped = events
+            reason = DISK_FULL if is_disk_full(exc) else SPOOL_ERROR
+            what = "no space left on the spool's file system (ENOSPC)" if reason == DISK_FULL else str(exc)
+            self._spool_errors.report("spool write failed", type(exc).__name__,
+                                      f"{self.spool.path}: {what}: {len(events)} records dropped")
+        except SpoolError:   # closed under us at shutdown
+            dropped, reason = events, SHUTDOWN
+        with self._lock:
+            self._stats.add_spooled(len(events) - len(dropped))
+            self._stats.add_dropped_events(reason, dropped)
+            self._storing = 0
+            self._ready.notify_all()
+
+    # -- worker thread -----------------------------------------------------
+
+    def _next_batch(self) -> list[FlowEvent] | None:
+        """Memory first; once memory is empty and the spool is in use, the
+        spool's oldest records; the spool drained (and nothing on its way
+        there), back to memory only."""
+        while True:
+            with self._lock:
+                size = len(self._destroys) + len(self._others)
+                if self._draining and self._clock() >= self._deadline:
+                    return None
+                if size and (self._spilling or self._draining or size >= self._batch_size):
+                    self._from_disk = False
+                    return self._take()
+                if not self._spilling:
+                    if self._draining:
+                        return None
+                    if size == 0:
+                        self._ready.wait()
+                        continue
+                    wait = self._oldest + self._flush_interval - self._clock()
+                    if wait <= 0:
+                        self._from_disk = False
+                        return self._take()
+                    self._ready.wait(wait)
+                    continue
+                if not self.spool.records:
+                    if self._overflow or self._storing:
+                        if self._draining and not self._writer.is_alive():
+                            return None
+                        self._ready.wait(0.1)   # the spool writer is storing them
+                        continue
+                    self._spilling = False          # drained: back to memory
+                    log.info("sink %s: spool drained", self.name)
+                    if self._draining:
+                        return None
+                    continue
+            batch = self.spool.read(self._batch_size)
+            with self._lock:
+                self._from_disk = True
+                self._inflight = batch
+            self._count_undecodable()
+            if batch:
+                return batch
+            self.spool.ack()   # rows that could not be decoded (counted): nothing to deliver
+
+    def _count_undecodable(self) -> None:
+        kinds, self.spool.undecodable = self.spool.undecodable, []
+        for kind in kinds:
+            self._stats.add_dropped(SPOOL_CORRUPT, kind)
+        if kinds:
+            self._spool_errors.report("spool", "corrupt rows", f"{len(kinds)} records could not be decoded")
+
+    def _deliver(self, batch: list[FlowEvent]) -> None:
+        """Write one batch; retry transient failures without limit (the
+        spool holds what arrives meanwhile); at the drain deadline, a batch
+        from memory goes back to the front of the spool, one from the spool
+        stays there."""
+        pending, delay = batch, self._retry.backoff
+        self._lost = False
+        from_disk = self._from_disk
+        while True:
+            result, kind, text = self._write(pending)
+            retry, rejected = result.retry, result.rejected
+            written = len(pending) - len(retry) - len(rejected)
+            if not retry:
+                if rejected:
+                    self._errors.report("dropped", kind, text)
+                self._account(written, [(PERMANENT_ERROR, rejected)], done=True)
+                if from_disk:
+                    self.spool.ack()
+                    self._stats.add_replayed(len(batch) - len(rejected))
+                return
+            self._errors.report("will retry (spool on)", kind, text)
+            self._account(written, [(PERMANENT_ERROR, rejected)], retrying=retry)
+            if not self._pause(delay):
+                # Drain deadline: abandon() spools what is in flight (from
+                # memory); a batch read from the spool is still there.
+                return
+            pending = list(retry)
+            delay = min(delay * 2, self._retry.max_backoff)
+
+
 class Pipeline:
     """Fans each record out to the sinks that want its kind."""
 
@@ -319,8 +583,9 @@ class Pipeline:
         try:
             for settings in sinks:
                 name = settings.name or settings.type
-                workers.append(SinkWorker(name, create_sink(settings), settings,
-                                          stats.sink(name, settings.queue_size)))
+                worker_class = SinkWorker if settings.spool is None else SpoolingWorker
+                workers.append(worker_class(name, create_sink(settings), settings,
+                                            stats.sink(name, settings.queue_size)))
         except Exception:
             # A later sink failed to start: release the ones already made.
             for worker in workers:

@@ -19,11 +19,15 @@ The snapshot's key names (a stable interface):
   {"sinks":  {<sink name>: {"received", "emitted", "dropped", "batches_sent",
                             "batches_failed", "retries", "queue_depth",
                             "queue_capacity",
-                            "dropped_by": {<reason>: {<kind>: count}}}},
+                            "dropped_by": {<reason>: {<kind>: count}},
+                            # with a spool only:
+                            "spool_records", "spool_bytes", "spool_oldest_age_seconds",
+                            "spool_pending", "spooled", "replayed"}},
    "stages": {<stage name>: {<counter>: count}}}
 
 "received" counts events offered to a sink; every one of them ends up in
-"emitted", in "dropped", or still queued or in flight.
+"emitted", in "dropped", or still queued or in flight -- or, with a spool,
+"spooled" (on disk, to be "replayed": emitted then too).
 """
 
 from __future__ import annotations
@@ -39,7 +43,12 @@ QUEUE_FULL = "queue_full"                 # the sink's queue had no room
 RETRIES_EXHAUSTED = "retries_exhausted"   # transient errors outlasted retry.max_attempts
 PERMANENT_ERROR = "permanent_error"       # the sink rejected the records
 SHUTDOWN = "shutdown"                     # still queued when the drain deadline passed
+SPOOL_FULL = "spool_full"                 # the disk spool reached spool.max_size
+DISK_FULL = "disk_full"                   # the spool's file system is full (ENOSPC)
+SPOOL_ERROR = "spool_error"               # the spool could not be written (another I/O error)
+SPOOL_CORRUPT = "spool_corrupt"           # a spooled record could not be read back
 DROP_REASONS = (QUEUE_FULL, RETRIES_EXHAUSTED, PERMANENT_ERROR, SHUTDOWN)
+SPOOL_DROP_REASONS = (SPOOL_FULL, DISK_FULL, SPOOL_ERROR, SPOOL_CORRUPT)   # counted for sinks with a spool
 
 
 class SinkStats:
@@ -58,6 +67,9 @@ class SinkStats:
         self._emitted = 0
         self._batches_sent = self._batches_failed = self._retries = 0
         self._dropped = {reason: dict.fromkeys(KINDS, 0) for reason in DROP_REASONS}
+        # Set by a sink's spool (pipeline.SpoolingWorker): its figures now.
+        self.spool: Callable[[], dict[str, int | float]] | None = None
+        self._spooled = self._replayed = 0
 
     def add_emitted(self, n: int) -> None:
         with self._lock:
@@ -65,13 +77,19 @@ class SinkStats:
 
     def add_dropped(self, reason: str, kind: str, n: int = 1) -> None:
         with self._lock:
-            self._dropped[reason][kind] += n
+            self._by_kind(reason)[kind] += n
 
     def add_dropped_events(self, reason: str, events: Iterable[FlowEvent]) -> None:
         with self._lock:
-            by_kind = self._dropped[reason]
+            by_kind = self._by_kind(reason)
             for event in events:
                 by_kind[event.kind] += 1
+
+    def _by_kind(self, reason: str) -> dict[str, int]:
+        by_kind = self._dropped.get(reason)
+        if by_kind is None:   # a spool's reasons, made on first use (lock held)
+            by_kind = self._dropped[reason] = dict.fromkeys(KINDS, 0)
+        return by_kind
 
     def add_batch(self, ok: bool) -> None:
         with self._lock:
@@ -84,11 +102,23 @@ class SinkStats:
         with self._lock:
             self._retries += 1
 
+    def add_spooled(self, n: int) -> None:
+        with self._lock:
+            self._spooled += n
+
+    def add_replayed(self, n: int) -> None:
+        with self._lock:
+            self._replayed += n
+
     def snapshot(self) -> dict[str, Any]:
         depth, received = self.queue_depth(), self.received()
+        spool = self.spool() if self.spool is not None else None
         with self._lock:
             dropped_by = {reason: dict(kinds) for reason, kinds in self._dropped.items()}
-            return {
+            if spool is not None:
+                for reason in SPOOL_DROP_REASONS:
+                    dropped_by.setdefault(reason, dict.fromkeys(KINDS, 0))
+            out = {
                 "received": received,
                 "emitted": self._emitted,
                 "dropped": sum(sum(kinds.values()) for kinds in dropped_by.values()),
@@ -99,6 +129,10 @@ class SinkStats:
                 "queue_capacity": self.queue_capacity,
                 "dropped_by": dropped_by,
             }
+            if spool is not None:
+                out.update({f"spool_{key}": value for key, value in spool.items()},
+                           spooled=self._spooled, replayed=self._replayed)
+            return out
 
 
 class StageStats:
@@ -226,6 +260,19 @@ SINK_BATCHES = Metric("conntracct_sink_batches", COUNTER, "Batches a sink wrote 
                       ("sink", "outcome"))
 SINK_RETRIES = Metric("conntracct_sink_retries", COUNTER, "Batch writes a sink retried after a transient error",
                       ("sink",))
+# A sink's disk spool (`spool:`): only for sinks that have one.
+SPOOL_RECORDS = Metric("conntracct_spool_records", GAUGE, "Records held in a sink's disk spool", ("sink",))
+SPOOL_BYTES = Metric("conntracct_spool_bytes", GAUGE,
+                     "Bytes of the records held in a sink's disk spool (what spool.max_size bounds)", ("sink",))
+SPOOL_OLDEST_AGE = Metric("conntracct_spool_oldest_record_age_seconds", GAUGE,
+                          "Age of the oldest record in a sink's disk spool (0 when empty)", ("sink",))
+SPOOL_WRITTEN = Metric("conntracct_spool_written_records", COUNTER,
+                       "Records a sink put in its disk spool (they did not fit in its memory queue)", ("sink",))
+SPOOL_REPLAYED = Metric("conntracct_spool_replayed_records", COUNTER,
+                        "Records read back from a sink's disk spool and written by the sink", ("sink",))
+SPOOL_VALUES = ((SPOOL_RECORDS, "spool_records"), (SPOOL_BYTES, "spool_bytes"),
+                (SPOOL_OLDEST_AGE, "spool_oldest_age_seconds"), (SPOOL_WRITTEN, "spooled"),
+                (SPOOL_REPLAYED, "replayed"))
 
 # Every key of the probe's stats a metric reads: what the probe must keep
 # reporting under these names (tests/unit/test_selfmetrics.py).
@@ -285,6 +332,7 @@ def _probe_families(probe: dict[str, Any]) -> Iterator[Family]:
 def _sink_families(sinks: dict[str, Any]) -> Iterator[Family]:
     records, dropped, depth = Family(SINK_RECORDS), Family(SINK_DROPPED), Family(SINK_QUEUE_DEPTH)
     capacity, batches, retries = Family(SINK_QUEUE_CAPACITY), Family(SINK_BATCHES), Family(SINK_RETRIES)
+    spool: dict[Metric, Family] = {}   # only sinks with a spool have its figures
     for sink, s in sorted(sinks.items()):
         if not isinstance(s, dict):
             continue
@@ -301,7 +349,11 @@ def _sink_families(sinks: dict[str, Any]) -> Iterator[Family]:
         for outcome in ("sent", "failed"):
             if (v := _num(s.get(f"batches_{outcome}"))) is not None:
                 batches.samples.append(((sink, outcome), v))
+        for metric, key in SPOOL_VALUES:
+            if (v := _num(s.get(key))) is not None:
+                spool.setdefault(metric, Family(metric)).samples.append(((sink,), v))
     yield from (records, dropped, depth, capacity, batches, retries)
+    yield from spool.values()
 
 
 # -- what the log reads ----------------------------------------------------------

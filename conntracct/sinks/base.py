@@ -18,6 +18,7 @@ new write() of the records the pipeline passes back.
 
 from __future__ import annotations
 
+import os
 import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -26,8 +27,9 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, Field, model_validator
 
-from ..configtypes import PositiveDuration, StrictModel, config_errors, seconds_text
+from ..configtypes import ByteSize, PositiveDuration, StrictModel, config_errors, seconds_text
 from ..flow import KINDS, FlowEvent
+from ..spool import RECORD_BYTES
 
 Kind = Literal["new", "update", "destroy"]
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -59,6 +61,34 @@ class RetryConfig(StrictModel):
         return self
 
 
+def _spool_directory(value: str) -> str:
+    """An absolute directory the agent can write (or create) spool files in."""
+    if not os.path.isabs(value):
+        raise ValueError("expected an absolute path of a directory for the spool file")
+    if os.path.exists(value):
+        if not os.path.isdir(value):
+            raise ValueError("expected a directory; this is a file")
+        if not os.access(value, os.W_OK | os.X_OK):
+            raise ValueError("the agent cannot write in this directory (permissions, or a read-only "
+                             "file system)")
+        return value
+    parent = os.path.dirname(value.rstrip("/"))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"does not exist and the agent cannot create it in {parent}")
+    return value
+
+
+class SpoolConfig(StrictModel):
+    """A disk spool for what the sink's memory queue cannot hold
+    (conntracct/spool.py): delivered in order, at least once, across outages
+    and restarts."""
+
+    path: Annotated[str, AfterValidator(_spool_directory)]
+    max_size: ByteSize = Field(1024 ** 3, gt=0)   # records' bytes; a full spool drops NEW/UPDATE first
+
+
 class SinkConfig(StrictModel):
     """Keys every sink has: its identity and the pipeline settings for it.
 
@@ -72,6 +102,7 @@ class SinkConfig(StrictModel):
     # Default: every kind; the registry substitutes the sink class's default_kinds.
     kinds: Annotated[frozenset[Kind], AfterValidator(_kind_set)] = frozenset(KINDS)
     retry: RetryConfig = Field(default_factory=RetryConfig)
+    spool: SpoolConfig | None = None
 
     @model_validator(mode="after")
     def _defaults_and_limits(self) -> SinkConfig:
@@ -80,6 +111,11 @@ class SinkConfig(StrictModel):
         if self.batch_size > self.queue_size:
             raise config_errors([(("batch_size",), f"expected at most queue_size ({self.queue_size})",
                                   self.batch_size)])
+        if self.spool is not None and self.spool.max_size < self.batch_size * RECORD_BYTES:
+            least = self.batch_size * RECORD_BYTES
+            raise config_errors([(("spool", "max_size"), f"expected at least one batch: batch_size "
+                                  f"({self.batch_size}) x {RECORD_BYTES} bytes = {least}",
+                                  self.spool.max_size)])
         return self
 
 

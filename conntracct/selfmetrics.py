@@ -23,7 +23,8 @@ The snapshot's key names (a stable interface):
                             # with a spool only:
                             "spool_records", "spool_bytes", "spool_oldest_age_seconds",
                             "spool_pending", "spooled", "replayed"}},
-   "stages": {<stage name>: {<counter>: count}}}
+   "stages": {<stage name>: {<counter>: count}},
+   "conntrack": {"ipv4" | "ipv6": {"tracking": 1 | 0 | -1, "untracked_packets": n}}}
 
 "received" counts events offered to a sink; every one of them ends up in
 "emitted", in "dropped", or still queued or in flight -- or, with a spool,
@@ -274,6 +275,16 @@ SPOOL_VALUES = ((SPOOL_RECORDS, "spool_records"), (SPOOL_BYTES, "spool_bytes"),
                 (SPOOL_OLDEST_AGE, "spool_oldest_age_seconds"), (SPOOL_WRITTEN, "spooled"),
                 (SPOOL_REPLAYED, "replayed"))
 
+# Does conntrack track each address family in the accounted namespace, and the
+# packets that passed while it did not (conntracct/tracking.py).
+CONNTRACK_TRACKING = Metric("conntracct_conntrack_tracking", GAUGE,
+                            "Whether conntrack tracks this address family in the accounted network namespace "
+                            "(1 yes; 0 no: its flows are not reported; -1 cannot tell)", ("family",))
+UNTRACKED_PACKETS = Metric("conntracct_untracked_packets", COUNTER,
+                           "IP packets that passed in the accounted network namespace while conntrack did not "
+                           "track their family (reported as no flow)", ("family",))
+TRACKING_WORDS = {1: "tracking", 0: "not tracking", -1: "cannot tell"}
+
 # Every key of the probe's stats a metric reads: what the probe must keep
 # reporting under these names (tests/unit/test_selfmetrics.py).
 PROBE_KEYS = frozenset({"mode", "programs", *(f"received_{kind}" for kind in KINDS),
@@ -301,6 +312,18 @@ def collect(snapshot: dict[str, Any], version: str = "") -> Iterator[Family]:
         yield Family(STAGE_EVENTS, stage_events)
     if sinks:
         yield from _sink_families(sinks)
+    yield from _conntrack_families(_dict(snapshot.get("conntrack")))
+
+
+def _conntrack_families(conntrack: dict[str, Any]) -> Iterator[Family]:
+    tracking, untracked = Family(CONNTRACK_TRACKING), Family(UNTRACKED_PACKETS)
+    for family, figures in sorted(conntrack.items()):
+        figures = _dict(figures)
+        if (v := _num(figures.get("tracking"))) is not None:
+            tracking.samples.append(((str(family),), v))
+        if (v := _num(figures.get("untracked_packets"))) is not None:
+            untracked.samples.append(((str(family),), v))
+    yield from (f for f in (tracking, untracked) if f.samples)
 
 
 def _probe_families(probe: dict[str, Any]) -> Iterator[Family]:
@@ -387,6 +410,11 @@ def summary_lines(snapshot: dict[str, Any]) -> list[str]:
         drops = " ".join(f"{reason}/{kind}={n}" for reason, kinds in _dict(s.get("dropped_by")).items()
                          for kind, n in _dict(kinds).items() if n)
         lines.append(f"sink {name}: {counts}" + (f" (dropped: {drops})" if drops else ""))
+    conntrack = {f: _dict(v) for f, v in sorted(_dict(snapshot.get("conntrack")).items())}
+    if conntrack:
+        lines.append("conntrack: " + ", ".join(
+            f"{family} {TRACKING_WORDS.get(v.get('tracking'), '?')} untracked_packets={v.get('untracked_packets', 0)}"
+            for family, v in conntrack.items()))
     for key, (count, what) in losses(snapshot).items():
         if count:
             lines.append(f"lost: {key}: {count} {what}")

@@ -166,8 +166,7 @@ class IPFIXSink(Sink):
             sock.close()
             raise
         self._sock = sock
-        self._max_message = min(self.config.mtu - _IP_HEADER[family] - _TRANSPORT_HEADER[self.config.transport],
-                                65535)
+        self._max_message = self.config.mtu - _IP_HEADER[family] - _TRANSPORT_HEADER[self.config.transport]
         if not self._udp:
             self._session = Session(self.config.observation_domain_id)   # a new transport session
             self._send_templates()
@@ -213,7 +212,7 @@ class IPFIXSink(Sink):
                               or self._messages_since_templates >= self.config.template_refresh_messages
                               or self._clock() - self._templates_at >= self.config.template_refresh)
 
-    def write(self, batch: list[FlowEvent]) -> WriteResult | None:
+    def _ensure_connected(self) -> None:
         if self._sock is not None and not self._udp and self._peer_closed():
             log.warning("sink %s: %s closed the connection; reconnecting", self.name, self._where())
             self._disconnect()
@@ -223,14 +222,21 @@ class IPFIXSink(Sink):
         except OSError as exc:
             self._disconnect()
             raise TransientSinkError(f"{self._where()}: cannot connect: {exc}") from exc
+
+    def _records(self, batch: list[FlowEvent]) -> list[tuple[int, bytes]]:
+        """(template id, record) of each event, deltas from the flow's last sent record."""
         encode = self._encoder.encode
         records = []
         for e, base in zip(batch, self._deltas.bases(batch), strict=True):
             template, record = encode(e, base, e.end_reason)
             records.append((template.id, record))
-        done = 0
+        return records
+
+    def write(self, batch: list[FlowEvent]) -> WriteResult | None:
+        self._ensure_connected()
+        done = 0   # records of the batch sent so far (messages hold contiguous runs)
         try:
-            for body in pack_records(records, self._max_message):
+            for body in pack_records(self._records(batch), self._max_message):
                 if self._refresh_due():
                     self._send_templates()
                 self._send(body)

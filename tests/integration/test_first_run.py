@@ -19,9 +19,11 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -52,10 +54,13 @@ def topo():
                     agent.proc.wait()
 
 
-def server_agent(topo: Topology, ensure_tracking: bool = False) -> RunningAgent:
-    agent = RunningAgent(topo, ns=None, config={
-        "probe": {"mode": TEST_MODE, "rate_curve": FAST_CURVE, "netns": topo.ns_path("server")},
-        "conntrack": {"ensure_tracking": ensure_tracking}})
+def server_agent(topo: Topology, ensure_tracking: bool = False, metrics_port: int | None = None) -> RunningAgent:
+    config = {"probe": {"mode": TEST_MODE, "rate_curve": FAST_CURVE, "netns": topo.ns_path("server")},
+              "conntrack": {"ensure_tracking": ensure_tracking}}
+    if metrics_port:
+        config["sinks"] = [{"type": "stdout", "format": "json", "flush_interval": "100ms"},
+                           {"type": "prometheus", "listen": f"127.0.0.1:{metrics_port}"}]
+    agent = RunningAgent(topo, ns=None, config=config)
     _started.append(agent)
     return agent
 
@@ -67,6 +72,19 @@ def server_tables(topo: Topology) -> str:
 def conntracct(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "conntracct", *args], capture_output=True, text=True,
                           timeout=timeout)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def scrape(port: int) -> dict[str, float]:
+    """The agent's conntrack tracking figures from its Prometheus endpoint."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return {m[1]: float(m[2]) for m in re.finditer(
+        r'^(conntracct_(?:conntrack_tracking|untracked_packets_total)\{family="ipv[46]"\}) (\S+)$', text, re.M)}
 
 
 def check_rows(text: str) -> dict[str, tuple[str, str]]:
@@ -88,7 +106,8 @@ def test_untracked_namespace_check_and_warning(topo, tmp_path):
         assert result == "no" and detail.startswith("not tracking"), check.stdout
         assert "ensure_tracking" in detail                       # the fix is named
 
-    agent = server_agent(topo)
+    port = free_port()
+    agent = server_agent(topo, metrics_port=port)
     started = time.monotonic()
     topo.udp_exchange(4, 100)
     topo.udp_exchange(3, 64, family=6)
@@ -103,6 +122,11 @@ def test_untracked_namespace_check_and_warning(topo, tmp_path):
     topo.udp_exchange(2, 100)
     time.sleep(2.5)
     assert len([line for line in agent.stderr.splitlines() if "traffic passes untracked" in line]) == len(warnings)
+    figures = scrape(port)        # the same, among the agent's own metrics
+    assert figures['conntracct_conntrack_tracking{family="ipv4"}'] == 0
+    assert figures['conntracct_conntrack_tracking{family="ipv6"}'] == 0
+    assert figures['conntracct_untracked_packets_total{family="ipv4"}'] >= 2 * (4 + 2)   # datagrams and replies
+    assert figures['conntracct_untracked_packets_total{family="ipv6"}'] >= 2 * 3
     assert agent.stop() == 0
     inode = topo.netns_inode("server")
     assert [r for r in agent.records() if r["netns"] == inode] == []     # nothing tracked, nothing reported

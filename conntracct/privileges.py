@@ -78,7 +78,7 @@ def missing(netns: str | None, mask: int | None = None) -> dict[str, str]:
 def describe(mask: int | None = None) -> str:
     mask = effective() if mask is None else mask
     held = [name for name in CAP_NUMBERS if mask >> CAP_NUMBERS[name] & 1]
-    who = "root" if os.geteuid() == 0 else f"uid {os.geteuid()}"
+    who = "root" if os.geteuid() == 0 else f"not root (uid {os.geteuid()})"
     return f"{who}, holding {', '.join(held) if held else 'none of ' + ', '.join(CAP_NUMBERS)}"
 
 

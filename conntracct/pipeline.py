@@ -335,6 +335,7 @@ class SpoolingWorker(SinkWorker):
     list that a second thread (spool writer) stores, one transaction a batch."""
 
     WRITE_INTERVAL = 0.05   # seconds the spool writer gathers overflow before a transaction
+    OVERFLOW_LIMIT = 10_000  # at least this many records wait for the spool writer (bursts)
 
     def __init__(self, name: str, sink: Sink, settings: SinkConfig, stats: SinkStats,
                  clock: Clock = time.monotonic):
@@ -346,10 +347,12 @@ class SpoolingWorker(SinkWorker):
         except (SpoolError, sqlite3.Error) as exc:
             raise SinkError(f"sink {name}: spool.path: {exc}") from None
         self._overflow: list[FlowEvent] = []   # offered while spilling, not yet on disk
+        self._overflow_limit = max(self._capacity, self.OVERFLOW_LIMIT)
         self._storing = 0                        # records the spool writer is storing now
         self._spilling = self.spool.records > 0  # new records go to the spool (it is not empty)
         self._from_disk = False                  # the batch in flight was read from the spool
         self._writer_done = False
+        self._out_of_time = False                # a retry would pass the drain deadline
         self._spool_errors = ErrorLog(name, clock=clock)
         self._writer = threading.Thread(target=self._store_overflow, name=f"spool-{name}", daemon=True)
         stats.spool = self._spool_figures
@@ -384,7 +387,7 @@ class SpoolingWorker(SinkWorker):
                     return True
                 self._spilling = True
             overflow = self._overflow
-            if len(overflow) >= self._capacity:   # the disk cannot keep up: as a full memory queue
+            if len(overflow) >= self._overflow_limit:   # the disk cannot keep up: as a full memory queue
                 self._stats.add_dropped(QUEUE_FULL, event.kind)
                 return False
             overflow.append(event)
@@ -401,9 +404,9 @@ class SpoolingWorker(SinkWorker):
         super().start()
 
     def close(self, deadline: float) -> None:
-        super().close(deadline)
-        if self._writer.ident is None:
+        if self._writer.ident is None:   # never started: the writer stores what close() leaves
             self._writer.start()
+        super().close(deadline)
 
     def join(self, timeout: float) -> bool:
         return super().join(timeout + self.SPOOL_GRACE)
@@ -423,7 +426,8 @@ class SpoolingWorker(SinkWorker):
             self._inflight = []
             self._writer_done = True
             self._ready.notify_all()
-        self._writer.join(5.0)
+        if self._writer.ident is not None:
+            self._writer.join(self.SPOOL_GRACE)
         lost = 0
         if held:
             try:
@@ -493,7 +497,7 @@ class SpoolingWorker(SinkWorker):
         while True:
             with self._lock:
                 size = len(self._destroys) + len(self._others)
-                if self._draining and self._clock() >= self._deadline:
+                if self._out_of_time or (self._draining and self._clock() >= self._deadline):
                     return None
                 if size and (self._spilling or self._draining or size >= self._batch_size):
                     self._from_disk = False
@@ -562,6 +566,7 @@ class SpoolingWorker(SinkWorker):
             if not self._pause(delay):
                 # Drain deadline: abandon() spools what is in flight (from
                 # memory); a batch read from the spool is still there.
+                self._out_of_time = True
                 return
             pending = list(retry)
             delay = min(delay * 2, self._retry.max_backoff)

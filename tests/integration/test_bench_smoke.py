@@ -61,8 +61,9 @@ def test_head_to_head_checks_every_report_against_the_kernel(tmp_path):
     flow with the kernel's exact totals, and the flood reached the server."""
     details = smoke("p6_vs_peers.py", tmp_path)["details"]
     runs = {r["tool"]: r for r in details["churn"]}
-    assert set(runs) >= {"none", "conntracct", "conntracct-destroy", "ulogd2", "conntrack-E", "pmacctd"}
-    for name in ("conntracct", "conntracct-destroy", "ulogd2", "conntrack-E"):
+    assert set(runs) >= {"none", "conntracct", "conntracct-destroy", "conntracct-defaults", "ulogd2", "conntrack-E",
+                         "pmacctd", "poller"}
+    for name in ("conntracct", "conntracct-destroy", "conntracct-defaults", "ulogd2", "conntrack-E"):
         run = runs[name]
         assert run["kernel_destroys"] > 0 and run["reported"] == run["kernel_destroys"] and run["exact"], run
         assert run["cpu_s"] >= 0 and run["rss_peak_kb"] > 0, run

@@ -177,17 +177,17 @@ def plural(n: int, word: str) -> str:
 
 
 def age(seconds: float) -> str:
-    if seconds < 60:
-        return f"{seconds:.0f}s"
-    if seconds < 3600:
-        return f"{seconds // 60:.0f}m{seconds % 60:02.0f}"
-    return f"{seconds // 3600:.0f}h{seconds % 3600 // 60:02.0f}"
+    """At most four characters: 59s, 59m, 23h, 364d."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size:.0f}{unit}"
+    return f"{max(seconds, 0):.0f}s"
 
 
 def flow_text(e: FlowEvent) -> str:
     o = e.orig
     ports = e.proto in PORT_PROTOS
-    return (f"{e.proto_name} {endpoint(o.src, o.sport if ports else None)} > "
+    return (f"{e.proto_name} {endpoint(o.src, o.sport if ports else None)}>"
             f"{endpoint(o.dst, o.dport if ports else None)}")
 
 
@@ -204,8 +204,8 @@ def _table(title: str, first: str) -> Table:
     t = Table(title=title, title_justify="left", title_style="bold", box=box.SIMPLE_HEAD, padding=0,
               pad_edge=False, expand=True, show_edge=False, header_style="bold")
     t.add_column(first, ratio=1, no_wrap=True, overflow="ellipsis")
-    for name in ("out/s", "in/s", "pkt/s", "total"):
-        t.add_column(name, justify="right", width=7, no_wrap=True)
+    for name, width in ((">B/s", 5), ("<B/s", 5), (">p/s", 5), ("<p/s", 5), ("total", 5)):
+        t.add_column(name, justify="right", width=width, no_wrap=True)
     return t
 
 
@@ -223,29 +223,29 @@ def render(table: FlowTable, view: View, height: int, now_ns: int | None = None)
     flow_lines = max(1, height - 9 - host_lines)
     header = Group(
         Text.assemble((view.title, "bold"), "  ", (view.status(), "yellow"), no_wrap=True, overflow="ellipsis"),
-        Text.assemble(f"{plural(len(rows), 'flow')}, {plural(len(host_rows), 'host')}   ", ("out ", "dim"),
-                      human(total_rates[0], "B/s"), ("  in ", "dim"), human(total_rates[1], "B/s"),
+        Text.assemble(f"{plural(len(rows), 'flow')}, {plural(len(host_rows), 'host')}   ", ("> ", "dim"),
+                      human(total_rates[0], "B/s"), ("  < ", "dim"), human(total_rates[1], "B/s"),
                       ("   records ", "dim"), str(table.records), no_wrap=True, overflow="ellipsis"))
 
     flows = _table(f"Flows by {view.sort}" + (f" (filter: {view.filter.text})" if view.filter else ""), "flow")
-    flows.add_column("age", justify="right", width=6, no_wrap=True)
+    flows.add_column("age", justify="right", width=4, no_wrap=True)
     for r in rows[:flow_lines]:
         bo, br, po, pr = r.rates(now_ns)
         style = "dim" if r.ended_ns else None
-        flows.add_row(flow_text(r.event), human(bo), human(br), human(po + pr), human(r.total),
+        flows.add_row(flow_text(r.event), human(bo), human(br), human(po), human(pr), human(r.total),
                       age((now_ns - r.first_ns) / 1e9), style=style)
 
     remote = _table("Remote hosts", "host")
-    remote.add_column("flows", justify="right", width=6, no_wrap=True)
+    remote.add_column("flows", justify="right", width=5, no_wrap=True)
     for h in host_rows[:host_lines]:
         bo, br, po, pr = h.rates
-        remote.add_row(h.host, human(bo), human(br), human(po + pr), human(h.total), str(h.flows))
+        remote.add_row(h.host, human(bo), human(br), human(po), human(pr), human(h.total), str(h.flows))
 
     if view.typing is not None:
         footer = Text.assemble(("filter: ", "bold"), view.typing, ("_", "blink"),
                                ("   Enter apply, Esc clear", "dim"))
     else:
-        footer = Text("r rate  t total  a age  / filter  q quit   bytes/s out: by the opener, in: back",
+        footer = Text("r rate  t total  a age  / filter  q quit    >: sent by the opener  <: sent back",
                       style="dim", no_wrap=True, overflow="ellipsis")
     return Group(header, flows, remote, footer)
 

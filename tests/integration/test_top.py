@@ -108,10 +108,10 @@ def number(text: str) -> float:
 
 
 def flow_rows(screen: str) -> list[tuple[str, list[float]]]:
-    """The flow table's rows: (flow text, [out/s, in/s, pkt/s, total])."""
+    """The flow table's rows: (flow text, [out B/s, in B/s, out p/s, in p/s, total])."""
     rows = []
     for line in screen.splitlines():
-        m = re.match(r"^(tcp \S+ > \S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+\S+$", line)
+        m = re.match(r"^(tcp \S+>\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+(\S+)\s+\S+$", line)
         if m:
             rows.append((m.group(1), [number(x) for x in m.groups()[1:]]))
     return rows
@@ -158,14 +158,14 @@ def write_svg(ansi: str, path: Path) -> None:
                                 "font-family: Fira Code, DejaVu Sans Mono, Menlo, Consolas, monospace"))
 
 
-def top_pid(ns_inode: int, timeout: float = 60) -> int:
+def top_pid(tmux: Tmux, ns_inode: int, timeout: float = 60) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         pid = instance.holder(ns_inode)
         if pid and pid > 0:
             return pid
         time.sleep(0.1)
-    raise AssertionError("conntracct top never took the namespace's lock")
+    raise AssertionError(f"conntracct top never took the namespace's lock; its screen:\n{tmux.screen()}")
 
 
 def test_top_in_tmux(tmp_path):
@@ -184,7 +184,7 @@ def test_top_in_tmux(tmp_path):
         try:
             tmux.start(["env", f"PYTHONPATH={ROOT}", sys.executable, "-m", "conntracct", "top", "-c", str(config),
                         "--netns", topo.ns_path("router")])
-            pid = top_pid(inode)
+            pid = top_pid(tmux, inode)
             wait_screen(tmux, lambda s: "Flows by rate" in s and "attaching" not in s, 60, "the attached probe")
             held = bpf_ids(pid)
             assert held["prog_id"]
@@ -199,6 +199,7 @@ def test_top_in_tmux(tmp_path):
             rows = flow_rows(screen)
             assert rows[0][0].startswith(fast) and rows[1][0].endswith(f"{dst}:{slow_port}")
             assert abs(rows[1][1][0] - SLOW) <= 0.2 * SLOW, screen
+            assert all(rate > 0 for rate in rows[0][1][1:4]), screen   # ACKs back, packets both ways
             assert max(len(line) for line in screen.splitlines()) <= 80
             assert "Remote hosts" in screen and dst in screen.split("Remote hosts")[1]
             screenshot = os.environ.get("CONNTRACCT_TOP_SCREENSHOT")

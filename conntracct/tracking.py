@@ -104,7 +104,11 @@ class Tracker:
             return FamilyState(family, None, f"cannot tell: loopback send failed ({e.strerror})")
         self._drain(sock)
         raw = socket.inet_pton(af, addr)
-        if self._delete(af, ct.CtTuple(raw, raw, socket.IPPROTO_UDP, port, port)):
+        try:
+            tracked = self._delete(af, ct.CtTuple(raw, raw, socket.IPPROTO_UDP, port, port))
+        except OSError as e:     # e.g. EPERM without CAP_NET_ADMIN
+            return FamilyState(family, None, f"cannot tell: {e}")
+        if tracked:
             return FamilyState(family, True, "tracking")
         return FamilyState(family, False, f"not tracking: no rule in this network namespace makes conntrack "
                                           f"track {LABEL[family]}, so the agent sees no {LABEL[family]} flow")

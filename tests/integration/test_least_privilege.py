@@ -104,6 +104,30 @@ def test_agent_as_nobody_with_the_measured_capabilities(topo, home):
     assert recs[-1]["packets_orig"] == 5 and recs[-1]["bytes_orig"] == 5 * (20 + 8 + 200)
 
 
+# The agent with its own capability check switched off: what the kernel does
+# without the capability (the measurement behind README "Least privilege").
+UNCHECKED = ("import sys; from conntracct import privileges; privileges.problem = lambda netns: None; "
+             "from conntracct.probe import modes; modes.check_privileges = lambda: modes.Check('privileges', True, "
+             "'not checked'); from conntracct.cli import main; sys.argv[0] = 'conntracct'; main()")
+
+
+@pytest.mark.parametrize("drop", MEASURED)
+def test_the_kernel_refuses_without_each_capability(topo, home, drop):
+    """Each of the three is needed: without it the kernel itself refuses (BPF
+    load, perf event, netlink, sysctl write), in this suite's attach mode."""
+    config = home / "c.yml"
+    config.write_text(f"probe: {{mode: {TEST_MODE}, ringbuf_pages: 64}}\n")
+    config.chmod(0o644)
+    caps = tuple(c for c in MEASURED if c != drop)
+    env = dict(os.environ, HOME=str(home), RUNTIME_DIRECTORY=str(home))
+    proc = subprocess.run(["ip", "netns", "exec", topo.router, *setpriv(caps), sys.executable, "-c", UNCHECKED,
+                           "run", "-c", str(config)], capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 2, (drop, proc.returncode, proc.stderr[-2000:])
+    assert "conntracct running" not in proc.stderr
+    assert "missing capabilit" not in proc.stderr            # refused by the kernel, not by our check
+    assert "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize("drop", MEASURED)
 def test_without_one_capability_it_exits_2_naming_it(topo, home, drop):
     config = home / "c.yml"

@@ -42,6 +42,7 @@ from ..configtypes import PositiveDuration, config_errors
 from ..flow import DESTROY, FLAG_NO_ACCT, KINDS, NEW, UPDATE, FlowEvent
 from .base import PermanentSinkError, Sink, SinkConfig, TransientSinkError, WriteResult
 from .common import PORT_PROTOS, TLSConfig, http_url, read_secrets
+from .goschema import conntracct_document
 from .records import flag_names, flow_id_text, rfc3339
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,10 @@ class ElasticsearchConfig(SinkConfig):
     install_template: bool = True
     gzip: bool = True
     observer_hostname: str | None = None   # None: this host's name
+    # ecs: Elastic Common Schema (docs/elasticsearch.md); conntracct: the Go
+    # agent's documents, event_type and hostname beside its event's fields
+    # (goschema.conntracct_document, docs/migrating.md)
+    document: Literal["ecs", "conntracct"] = "ecs"
 
     @model_validator(mode="after")
     def _auth_and_kinds(self) -> ElasticsearchConfig:
@@ -116,6 +121,10 @@ class ElasticsearchConfig(SinkConfig):
         if living and not self.index_live_flows:
             errors.append((("kinds",), "new/update records are written only with index_live_flows: true;"
                                        " expected [destroy]", living))
+        if self.document == "conntracct" and self.index_mode == "data_stream":
+            errors.append((("document",), "expected ecs with index_mode: data_stream (a data stream "
+                                          "needs @timestamp, which conntracct's documents have not)",
+                           self.document))
         if errors:
             raise config_errors(errors)
         if self.index_live_flows and self.kinds == frozenset({DESTROY}):
@@ -280,23 +289,28 @@ def index_templates(prefix: str, mode: str, live: bool) -> dict[str, dict[str, A
 _ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
+def _conntracct_document(event: FlowEvent, hostname: str, live: bool = False) -> dict[str, Any]:
+    return conntracct_document(event, hostname)
+
+
 class BulkBody:
     """Turns flow records into bulk actions: (header, pre-encoded source)."""
 
-    def __init__(self, prefix: str, mode: str, live: bool, observer_hostname: str):
+    def __init__(self, prefix: str, mode: str, live: bool, observer_hostname: str, document: str = "ecs"):
         self.prefix, self.mode, self.live, self.hostname = prefix, mode, live, observer_hostname
         self._live_index = live_index(prefix)
+        self._document = flow_document if document == "ecs" else _conntracct_document
 
     def actions(self, event: FlowEvent) -> Iterator[tuple[dict[str, Any], bytes]]:
         fid = flow_id_text(event.flow_id)
         if event.kind == DESTROY:
-            doc = _ENCODE(flow_document(event, self.hostname)).encode()
+            doc = _ENCODE(self._document(event, self.hostname)).encode()
             if self.mode == "data_stream":
                 yield {"create": {"_index": self.prefix, "_id": fid}}, doc
             else:
                 yield {"index": {"_index": daily_index(self.prefix, event), "_id": fid}}, doc
         if self.live:
-            live_doc = _ENCODE({"doc": flow_document(event, self.hostname, live=True),
+            live_doc = _ENCODE({"doc": self._document(event, self.hostname, live=True),
                                 "doc_as_upsert": True}).encode()
             yield {"update": {"_index": self._live_index, "_id": fid, "retry_on_conflict": 3}}, live_doc
 
@@ -347,7 +361,7 @@ class ElasticsearchSink(Sink):
         self._es = elasticsearch
         self._streaming_bulk = elasticsearch.helpers.streaming_bulk
         self._body = BulkBody(config.index, config.index_mode, config.index_live_flows,
-                              config.observer_hostname)
+                              config.observer_hostname, config.document)
         self._templates = index_templates(config.index, config.index_mode, config.index_live_flows)
         self._templates_installed = not config.install_template
         self._client = elasticsearch.Elasticsearch(**self._client_options(config))

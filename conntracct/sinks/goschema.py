@@ -22,8 +22,11 @@ agent's 63-bit flow id in decimal (the Go agent's was a 31-bit hash).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
+from pydantic import AfterValidator, Field, model_validator
+
+from ..configtypes import StrictModel, config_errors
 from ..flow import FLAG_NO_ACCT, IPPROTO_NAMES, NEW, FlowEvent
 from .lineprotocol import LineFormatter, escape_key, escape_measurement, escape_tag_value
 
@@ -115,7 +118,43 @@ def line_formatter(schema: str, measurement: str, source_ports: bool, flow_id_ta
     return LineFormatter(measurement, source_ports, flow_id_tag)
 
 
-def unwritable_in_schema(schema: str, e: FlowEvent) -> bool:
-    """A record conntracct's schema cannot hold: without counters (accounting
-    off) it has no fields, and writing zeros would claim a flow sent nothing."""
-    return schema == "conntracct" and bool(e.flags & FLAG_NO_ACCT)
+# -- the options both line-protocol sinks (influxdb, influxdb-udp) have ----------
+
+def _measurement(value: str) -> str:
+    if not value:
+        raise ValueError("expected a measurement name")
+    if value.startswith("#"):
+        raise ValueError("expected a name not starting with '#' (line protocol would read a comment)")
+    return value
+
+
+class LineOptions(StrictModel):
+    """Mixed into the InfluxDB sinks' configs: which schema, measurement, tags."""
+
+    # `schema` in the file; the attribute name avoids pydantic's BaseModel.schema()
+    line_schema: Annotated[Literal[SCHEMAS], Field(alias="schema")] = "default"   # type: ignore[valid-type]
+    measurement: Annotated[str, AfterValidator(_measurement)] = "ct_acct"
+    source_ports: bool = False
+    flow_id_tag: bool = False
+
+    @model_validator(mode="after")
+    def _schema_options(self) -> LineOptions:
+        if self.line_schema == "conntracct" and self.flow_id_tag:
+            raise config_errors([(("flow_id_tag",), "only for schema: default (conntracct's schema "
+                                                    "always tags conn_id)", True)])
+        return self
+
+    def formatter(self) -> LineFormatter | ConntracctLineFormatter:
+        return line_formatter(self.line_schema, self.measurement, self.source_ports, self.flow_id_tag)
+
+    def writable(self, batch: list[FlowEvent]) -> tuple[list[FlowEvent], list[FlowEvent]]:
+        """(records the schema can hold, records it cannot).  conntracct's schema
+        cannot hold a record without counters (accounting off): it has no point
+        without its fields, and zeros would claim the flow sent nothing."""
+        if self.line_schema != "conntracct":
+            return batch, []
+        return ([e for e in batch if not e.flags & FLAG_NO_ACCT], [e for e in batch if e.flags & FLAG_NO_ACCT])
+
+
+UNWRITABLE_REASON = ("record(s) without counters (accounting off): conntracct's schema has no point "
+                     "without its fields")

@@ -47,28 +47,21 @@ from pydantic import AfterValidator, Field, PrivateAttr, model_validator
 
 from ..configtypes import NO_VALUE, PositiveDuration, config_errors
 from ..flow import KINDS, FlowEvent
-from .base import PermanentSinkError, Sink, SinkConfig, TransientSinkError
+from .base import PermanentSinkError, Sink, SinkConfig, TransientSinkError, WriteResult
 from .common import TLSConfig, http_url, read_secrets
-from .lineprotocol import LineFormatter, PointLog
+from .goschema import UNWRITABLE_REASON, LineOptions
+from .lineprotocol import PointLog
 
 log = logging.getLogger(__name__)
 
 
 # -- config ------------------------------------------------------------------
 
-def _measurement(value: str) -> str:
-    if not value:
-        raise ValueError("expected a measurement name")
-    if value.startswith("#"):
-        raise ValueError("expected a name not starting with '#' (line protocol would read a comment)")
-    return value
-
-
 V2_KEYS = ("org", "bucket", "token", "token_env")
 V1_KEYS = ("database", "retention_policy", "username", "password", "password_env")
 
 
-class InfluxDBConfig(SinkConfig):
+class InfluxDBConfig(SinkConfig, LineOptions):
     type: Literal["influxdb"]
     batch_size: int = Field(5000, ge=1)    # InfluxDB's recommended batch (lines per write)
     url: Annotated[str, AfterValidator(http_url("http://127.0.0.1:8086"))]
@@ -84,10 +77,7 @@ class InfluxDBConfig(SinkConfig):
     username: str | None = None
     password: str | None = None
     password_env: str | None = None
-    # both
-    measurement: Annotated[str, AfterValidator(_measurement)] = "ct_acct"
-    source_ports: bool = False
-    flow_id_tag: bool = False
+    # both (and schema, measurement, source_ports, flow_id_tag: goschema.LineOptions)
     timeout: PositiveDuration = 10.0
     tls: TLSConfig = Field(default_factory=TLSConfig)
     gzip: bool = False
@@ -160,7 +150,7 @@ class InfluxDBSink(Sink):
 
     def __init__(self, config: InfluxDBConfig):
         super().__init__(config)
-        self.formatter = LineFormatter(config.measurement, config.source_ports, config.flow_id_tag)
+        self.formatter = config.formatter()    # the schema's (goschema.LineOptions)
         self._points = PointLog()
         self._where = f"influxdb sink {self.name!r} ({config.url}, api {config.api})"
         # No network I/O here: an unreachable server must not stop the agent
@@ -172,15 +162,18 @@ class InfluxDBSink(Sink):
         if not config.tls.verify and config.url.startswith("https://"):
             log.warning("%s: TLS certificate verification is off", self._where)
 
-    def write(self, batch: list[FlowEvent]) -> None:
-        if not batch:
-            return
-        text, taken = self._points.lines(self.formatter, batch)
-        body = text.encode()
-        if self.config.gzip:
-            body = gzip_module.compress(body, GZIP_LEVEL)
-        self._writer.write(body, self._where)
-        self._points.commit(taken)
+    def write(self, batch: list[FlowEvent]) -> WriteResult | None:
+        batch, unwritable = self.config.writable(batch)
+        if batch:
+            text, taken = self._points.lines(self.formatter, batch)
+            body = text.encode()
+            if self.config.gzip:
+                body = gzip_module.compress(body, GZIP_LEVEL)
+            self._writer.write(body, self._where)
+            self._points.commit(taken)
+        if unwritable:
+            return WriteResult(rejected=unwritable, reason=f"{len(unwritable)} {UNWRITABLE_REASON}")
+        return None
 
     def close(self) -> None:
         self._writer.close()

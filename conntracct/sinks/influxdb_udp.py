@@ -33,11 +33,10 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, PrivateAttr, model_validator
 
-from ..configtypes import config_errors
 from ..flow import FlowEvent
 from .base import ACCEPTED, PermanentSinkError, Sink, SinkConfig, TransientSinkError, WriteResult
 from .common import host_port
-from .goschema import SCHEMAS, line_formatter, unwritable_in_schema
+from .goschema import UNWRITABLE_REASON, LineOptions
 from .lineprotocol import PointLog
 
 MAX_UDP_PAYLOAD = 65507     # IPv4's limit for one UDP datagram
@@ -51,15 +50,10 @@ def parse_address(value: str) -> tuple[str, int]:
     return host_port(value, ADDRESS_HINT)
 
 
-class InfluxDBUDPConfig(SinkConfig):
+class InfluxDBUDPConfig(SinkConfig, LineOptions):
     type: Literal["influxdb-udp"]
     address: Annotated[str, AfterValidator(lambda v: (parse_address(v), v.strip())[1])]
     payload_size: int = Field(512, ge=64, le=MAX_UDP_PAYLOAD)
-    # `schema` in the file; the name shadows pydantic's deprecated BaseModel.schema()
-    line_schema: Annotated[Literal[SCHEMAS], Field(alias="schema")] = "default"   # type: ignore[valid-type]
-    measurement: str = "ct_acct"
-    source_ports: bool = False
-    flow_id_tag: bool = False
 
     _host: str = PrivateAttr("")
     _port: int = PrivateAttr(0)
@@ -67,9 +61,6 @@ class InfluxDBUDPConfig(SinkConfig):
     @model_validator(mode="after")
     def _split(self) -> InfluxDBUDPConfig:
         self._host, self._port = parse_address(self.address)
-        if self.line_schema == "conntracct" and self.flow_id_tag:
-            raise config_errors([(("flow_id_tag",), "only for schema: default (conntracct's schema "
-                                                    "always tags conn_id)", True)])
         return self
 
     @property
@@ -108,8 +99,7 @@ class InfluxDBUDPSink(Sink):
 
     def __init__(self, config: InfluxDBUDPConfig):
         super().__init__(config)
-        self.formatter = line_formatter(config.line_schema, config.measurement, config.source_ports,
-                                        config.flow_id_tag)
+        self.formatter = config.formatter()
         self._points = PointLog()
         self._where = f"influxdb-udp sink {self.name!r} ({config.address})"
         self._target: tuple | None = None     # resolved at the first write: no DNS at start
@@ -148,9 +138,7 @@ class InfluxDBUDPSink(Sink):
     def write(self, batch: list[FlowEvent]) -> WriteResult:
         if not batch:
             return ACCEPTED
-        unwritable = [e for e in batch if unwritable_in_schema(self.config.line_schema, e)]
-        if unwritable:
-            batch = [e for e in batch if not unwritable_in_schema(self.config.line_schema, e)]
+        batch, unwritable = self.config.writable(batch)
         text, taken = self._points.lines(self.formatter, batch)
         lines = [line + b"\n" for line in text.encode().split(b"\n")[:-1]]
         packets, oversized = datagrams(lines, self.config.payload_size)
@@ -180,8 +168,7 @@ class InfluxDBUDPSink(Sink):
             reasons.append(f"{len(oversized)} line(s) longer than payload_size "
                            f"({self.config.payload_size} bytes) dropped")
         if unwritable:
-            reasons.append(f"{len(unwritable)} record(s) without counters (accounting off): "
-                           "conntracct's schema has no point without its fields")
+            reasons.append(f"{len(unwritable)} {UNWRITABLE_REASON}")
         return WriteResult(rejected=rejected, reason="; ".join(reasons))
 
     def close(self) -> None:

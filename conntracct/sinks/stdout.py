@@ -12,6 +12,8 @@ record in parentheses.  Parts appear only when they apply: the NAT reply tuple,
 TCP state, ICMP `type= code= ident=`, `dur=` once start and stop are known,
 non-zero zone/mark/netns, flags, labels.  IPv6 endpoints are `[addr]:port`.
 JSON: docs/record-fields.md (records.json_line, shared with other sinks).
+`format: netfilter` / `conntrack_exporter`: the event-log lines of conntrack
+-E and of conntrack_exporter (sinks/eventlog.py, docs/migrating.md).
 """
 
 from __future__ import annotations
@@ -23,12 +25,14 @@ from typing import Literal
 from ..flow import FLAG_NO_ACCT, FlowEvent, FlowTuple
 from .base import PermanentSinkError, Sink, SinkConfig
 from .common import PORT_PROTOS, endpoint
+from .eventlog import conntrack_exporter_line, netfilter_line
 from .records import flag_names, flow_id_text, json_line, rfc3339
 
 
 class StdoutConfig(SinkConfig):
     type: Literal["stdout", "stderr"]
-    format: Literal["text", "json"] = "text"
+    # netfilter / conntrack_exporter: other tools' event logs (sinks/eventlog.py)
+    format: Literal["text", "json", "netfilter", "conntrack_exporter"] = "text"
 
 
 def _endpoints(t: FlowTuple, with_ports: bool) -> str:
@@ -67,7 +71,9 @@ def text_line(e: FlowEvent) -> str:
     return " ".join(parts) + "\n"
 
 
-FORMATS: dict[str, Callable[[FlowEvent], str]] = {"text": text_line, "json": json_line}
+FORMATS: dict[str, Callable[[FlowEvent], str]] = {"text": text_line, "json": json_line,
+                                                   "netfilter": netfilter_line,
+                                                   "conntrack_exporter": conntrack_exporter_line}
 
 
 class StdoutSink(Sink):

@@ -66,9 +66,9 @@ def test_the_example_loads_unchanged_with_its_warnings():
         ("influxdb_udp", "influxdb-udp"), ("influxdb_http", "influxdb"), ("elastic", "elasticsearch"),
         ("stdout", "stdout"), ("dummy", "dummy")]
     udp, http, es = config.sinks[:3]
-    assert (udp.host, udp.port, udp.payload_size, udp.batch_size, udp.schema) == ("localhost", 8089, 512, 200,
+    assert (udp.host, udp.port, udp.payload_size, udp.batch_size, udp.line_schema) == ("localhost", 8089, 512, 200,
                                                                                   "conntracct")
-    assert (http.api, http.url, http.database, http.schema, http.source_ports) == (
+    assert (http.api, http.url, http.database, http.line_schema, http.source_ports) == (
         "v1", "http://localhost:8086", "conntracct_http", "conntracct", False)
     assert (es.hosts, es.index, es.document) == (["http://localhost:9200"], "conntracct", "conntracct")
     assert config.probe.rate_curve_ns() == ([(60 * 10**9, 20 * 10**9), (300 * 10**9, 60 * 10**9)], 300 * 10**9)
@@ -166,3 +166,39 @@ def test_convert_a_bad_file_exits_2_naming_the_key(tmp_path):
     result = CliRunner().invoke(main, ["config", "convert", str(bad)])
     assert result.exit_code == 2
     assert f"{bad}:4: sinks.http.address: expected an http:// or https:// URL" in result.stderr
+
+
+# -- conntracct's Elasticsearch document ---------------------------------------
+
+def test_elastic_sink_writes_conntracct_documents():
+    from sample_flows import flow
+
+    from conntracct.flow import DESTROY
+    from conntracct.sinks.elasticsearch import BulkBody
+    body = BulkBody("conntracct", "daily", False, "host1", "conntracct")
+    e = flow(DESTROY, orig=("192.0.2.2", "198.51.100.2", 40000, 443), stop_ns=1_795_000_001_000_000_000,
+             mark=5, labels={"direction": "outbound", "customer": "acme"})
+    [(header, source)] = list(body.actions(e))
+    assert header["index"]["_index"].startswith("conntracct-")
+    import json
+    assert json.loads(source) == {
+        "event_type": "destroy", "hostname": "host1", "start": e.start_ns, "timestamp": e.ts_ns,
+        "flow_id": e.flow_id, "connmark": 5, "src_addr": "192.0.2.2", "dst_addr": "198.51.100.2",
+        "packets_orig": 3, "bytes_orig": 180, "packets_ret": 2, "bytes_ret": 120, "src_port": 40000,
+        "dst_port": 443, "netns": e.netns, "proto": 6, "labels": {"customer": "acme"}}
+
+
+def test_conntracct_documents_need_daily_indices():
+    assert "sinks.e.document: expected ecs with index_mode: data_stream" in error_of(
+        "sinks:\n  e:\n    type: elastic\n    address: http://127.0.0.1:9200\n    index_mode: data_stream\n")
+
+
+def test_influxdb_http_sink_rejects_records_without_counters_in_conntracct_schema():
+    from sample_flows import flow
+
+    from conntracct.flow import FLAG_NO_ACCT
+    from conntracct.sinks import create_sink
+    sink = create_sink(parse_config("sinks: [{type: influxdb, api: v1, url: 'http://127.0.0.1:9', "
+                                    "database: x, schema: conntracct}]").sinks[0])
+    result = sink.write([flow(flags=FLAG_NO_ACCT)])     # nothing left to send: no request made
+    assert len(result.rejected) == 1 and "without counters" in result.reason

@@ -102,7 +102,7 @@ def test_bad_type_names_key_value_and_expectation():
     assert error_of("probe: {max_flows: 10}") == "test.yml:1: probe.max_flows: expected a number >= 1024 (got 10)"
     assert error_of("sysctl: {manage: maybe}") == "test.yml:1: sysctl.manage: expected true or false (got 'maybe')"
     assert error_of("sinks:\n  - type: stdout\n    format: xml\n") == (
-        "test.yml:3: sinks[0].format: expected 'text' or 'json' (got 'xml')")
+        "test.yml:3: sinks[0].format: expected 'text', 'json', 'netfilter' or 'conntrack_exporter' (got 'xml')")
 
 
 def test_bad_duration_names_key_and_value():

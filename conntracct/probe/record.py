@@ -197,7 +197,10 @@ def reply_raw(raw: bytes) -> bytes:
 
 
 def first_sight_new(event: FlowEvent) -> FlowEvent | None:
-    """A flow seen first at its end still gets its NEW, right before the DESTROY."""
+    """A flow seen first at its end still gets its NEW, right before the
+    DESTROY.  The DESTROY carries the flow's traffic as its deltas; the NEW
+    carries none, or sums of deltas would count the flow twice."""
     if event.kind != DESTROY or not event.flags & FLAG_FIRST_SIGHT:
         return None
-    return replace(event, kind=NEW, stop_ns=0, labels=dict(event.labels))
+    return replace(event, kind=NEW, stop_ns=0, labels=dict(event.labels), delta_packets_orig=0,
+                   delta_bytes_orig=0, delta_packets_reply=0, delta_bytes_reply=0)

@@ -83,6 +83,9 @@ def test_first_sight_destroy_gets_a_new_first():
     e = decode(raw_record(orig, orig, kind=3, flags=FLAG_FIRST_SIGHT), 0)
     new = first_sight_new(e)
     assert new.kind == NEW and e.kind == DESTROY and new.flow_id == e.flow_id
+    # the flow's traffic is counted once, by the DESTROY's deltas
+    assert (new.delta_packets_orig, new.delta_bytes_orig, new.delta_packets_reply, new.delta_bytes_reply) == (0,) * 4
+    assert (new.bytes_orig, new.bytes_reply) == (e.bytes_orig, e.bytes_reply)
     assert first_sight_new(decode(raw_record(orig, orig, kind=3), 0)) is None
 
 

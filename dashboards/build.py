@@ -290,10 +290,16 @@ def prometheus_dashboard():
                             "{{host}} {{direction}}")], ds, w=18, stacked=True),
         stat_panel("Bytes counted", "Bytes of every flow since the agents started (counters).", "decbytes",
                    [promql(f"sum(conntrack_flow_bytes_total{{{H}}})", instant=True)], ds, w=6, h=8),
-        table_panel("Top remote hosts", "Remote hosts by bytes in the time range, both directions.",
+        table_panel("Top remote hosts", "Remote hosts by bytes in the time range, both directions "
+                    "(increase(): a host whose series was scraped only once in the range shows 0).",
                     "decbytes", [promql(f"topk(20, sum by (host) (increase(conntrack_flow_bytes_total{{{H}}}"
                                         "[$__range])))", instant=True, table_format=True)],
-                    ds, "Value", w=24, gauge_field="Value"),
+                    ds, "Value", gauge_field="Value"),
+        table_panel("Top remote hosts since the agent started", "Remote hosts by bytes counted since each "
+                    "agent started (the counters themselves), both directions.", "decbytes",
+                    [promql(f"topk(20, sum by (host) (conntrack_flow_bytes_total{{{H}}}))", instant=True,
+                            table_format=True)],
+                    ds, "Value", gauge_field="Value"),
         dashboard.Row("Agent health"),
         time_series("Records read from the probe", "Flow records per second, by kind.", "ops",
                     [promql(f'sum by (kind) (rate(conntracct_records_total{{{P}, stage="probe"}}[$__rate_interval]))',

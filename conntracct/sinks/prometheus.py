@@ -20,6 +20,12 @@ The remote host of a flow, from the enricher's `direction` label:
 With `host_ports: false` the label is the address alone; protocols without
 ports (ICMP, GRE) never carry one.  IPv6 addresses with a port are bracketed.
 
+Host labels: the enricher's labels of a host's first record (configured
+labels, range labels: enrich.ranges), all but the per-flow `direction`, are
+extra labels on its series (`host_labels: false` leaves them out).  With
+range labels of the remote endpoint they follow from the host's address, so
+they add no series beyond the cap; `other` has them empty.
+
 Cardinality: at most `max_hosts` hosts have their own series (shared by all
 host-labelled families); every other host's flows and traffic count under
 host="other".  Hosts are admitted first come while there is room; every
@@ -36,10 +42,12 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import re
 import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from functools import lru_cache
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import AfterValidator, Field, model_validator
@@ -48,7 +56,7 @@ from .. import __version__, selfmetrics
 from ..configtypes import Network, PositiveDuration, config_errors
 from ..flow import DESTROY, FLAG_NO_ACCT, FlowEvent
 from .base import PermanentSinkError, Sink, SinkConfig
-from .common import PORT_PROTOS, endpoint, host_port
+from .common import PORT_PROTOS, endpoint, host_port, remote_endpoint
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -114,6 +122,7 @@ class PrometheusConfig(SinkConfig):
     ignore: list[Network] = Field(default_factory=list)   # remote hosts left out entirely
     host_ports: bool = True                     # host label ip:port (conntrack_exporter) or ip
     rebalance_interval: PositiveDuration = 60.0   # how often the top hosts are re-ranked
+    host_labels: bool = True                    # the enricher's labels of a host on its series
 
     @model_validator(mode="after")
     def _needs_destroy(self) -> PrometheusConfig:
@@ -130,11 +139,12 @@ class _Host:
     """One remote host: live flows per bucket, traffic counted under its own
     label (only while admitted), and its recent traffic for ranking."""
 
-    __slots__ = ("label", "admitted", "live", "totals", "score")
+    __slots__ = ("label", "admitted", "live", "totals", "score", "labels")
 
-    def __init__(self, label: str, admitted: bool):
+    def __init__(self, label: str, admitted: bool, labels: tuple[tuple[str, str], ...] = ()):
         self.label = label
         self.admitted = admitted
+        self.labels = labels         # (name, value) pairs: the enricher's labels (host_labels)
         self.live = [0, 0, 0, 0]     # flows per bucket
         self.totals = [0, 0, 0, 0]   # BYTES_ORIG.. PACKETS_REPLY since admitted
         self.score = 0               # bytes seen lately, halved each rebalance
@@ -144,6 +154,23 @@ class _Host:
 
 
 _NOTHING_SEEN = (0, 0, 0, 0)
+_NOT_A_NAME = re.compile(r"[^A-Za-z0-9_]")
+_TAKEN = frozenset({"host", "direction"})   # the families' own labels
+
+
+@lru_cache(maxsize=4096)
+def _label_name(name: str) -> str:
+    """An enrichment label's name as a Prometheus label name."""
+    clean = _NOT_A_NAME.sub("_", name)
+    if clean[:1].isdigit() or clean.startswith("__") or clean in _TAKEN:
+        clean = "label_" + clean
+    return clean
+
+
+def host_labels(labels: dict[str, str]) -> tuple[tuple[str, str], ...]:
+    """The labels a host's series carry: the enricher's, but `direction`
+    (a flow's, not a host's), names made Prometheus-safe."""
+    return tuple(sorted((_label_name(k), str(v)) for k, v in labels.items() if k != "direction" and k))
 
 
 class _Flow:
@@ -163,9 +190,11 @@ class FlowTable:
     ADDRESS_CACHE = 65536
 
     def __init__(self, max_hosts: int = 1000, ignore: Iterable[Any] = (), host_ports: bool = True,
-                 rebalance_interval: float = 60.0, clock: Callable[[], float] = time.monotonic):
+                 rebalance_interval: float = 60.0, clock: Callable[[], float] = time.monotonic,
+                 host_labels: bool = True):
         self.max_hosts = max_hosts
         self.host_ports = host_ports
+        self.host_labels = host_labels
         self.rebalance_interval = rebalance_interval
         self._ignore = tuple(ignore)
         self._clock = clock
@@ -197,10 +226,7 @@ class FlowTable:
 
     def remote(self, event: FlowEvent) -> tuple[str, str]:
         """(address, host label) of the flow's remote endpoint (module docstring)."""
-        if event.labels.get("direction") == "inbound":
-            addr, port = event.orig.src, event.orig.dport
-        else:
-            addr, port = event.reply.src, event.reply.sport
+        addr, port = remote_endpoint(event)
         with_port = self.host_ports and event.proto in PORT_PROTOS
         return addr, endpoint(addr, port if with_port else None)
 
@@ -212,11 +238,12 @@ class FlowTable:
                 self._apply(event)
             self._maybe_rebalance()
 
-    def _host(self, label: str) -> _Host:
+    def _host(self, label: str, event: FlowEvent) -> _Host:
         host = self._hosts.get(label)
         if host is None:
             admit = self._admitted < self.max_hosts
-            host = self._hosts[label] = _Host(label, admit)
+            labels = host_labels(event.labels) if self.host_labels and event.labels else ()
+            host = self._hosts[label] = _Host(label, admit, labels)
             self._admitted += admit
             self._idle += not admit
         return host
@@ -227,7 +254,7 @@ class FlowTable:
             addr, label = self.remote(event)
             if self._ignore and self._is_ignored(addr):
                 return
-            host, seen = self._host(label), _NOTHING_SEEN
+            host, seen = self._host(label, event), _NOTHING_SEEN
         else:
             host, seen = flow.host, flow.seen
         accounted = not event.flags & FLAG_NO_ACCT   # no accounting: counters are absent, not zero
@@ -304,12 +331,12 @@ class FlowTable:
             other_live = [0, 0, 0, 0]
             for host in self._hosts.values():
                 if host.admitted:
-                    rows.append((host.label, list(host.live), list(host.totals)))
+                    rows.append((host.label, list(host.live), list(host.totals), host.labels))
                 else:
                     for i, n in enumerate(host.live):
                         other_live[i] += n
             rows.sort()
-            rows.append((OTHER, other_live, list(self._other)))
+            rows.append((OTHER, other_live, list(self._other), ()))
             stats = {"flows": len(self._flows), "hosts": self._admitted, "demotions": self.demotions}
         return rows, stats
 
@@ -329,7 +356,8 @@ class FlowCollector:
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
         rows, stats = self.table.sample()
-        gauges = [GaugeMetricFamily(f"conntrack_{bucket}_connections", help_text, labels=["host"])
+        extra = sorted({name for *_, labels in rows for name, _ in labels})   # host labels, if any
+        gauges = [GaugeMetricFamily(f"conntrack_{bucket}_connections", help_text, labels=["host", *extra])
                   for bucket, help_text in zip(BUCKETS, (
                       "How many connections to the remote host are currently opening?",
                       "How many open connections are there to the remote host?",
@@ -337,17 +365,18 @@ class FlowCollector:
                       "How many connections to the remote host have recently closed?"), strict=True)]
         traffic = CounterMetricFamily("conntrack_flow_bytes", "Bytes of flows with the remote host, by "
                                       "conntrack direction (orig: sent by the flow's initiator)",
-                                      labels=["host", "direction"])
+                                      labels=["host", "direction", *extra])
         packets = CounterMetricFamily("conntrack_flow_packets", "Packets of flows with the remote host, by "
                                       "conntrack direction (orig: sent by the flow's initiator)",
-                                      labels=["host", "direction"])
-        for label, live, totals in rows:
+                                      labels=["host", "direction", *extra])
+        for label, live, totals, labels in rows:
+            values = [dict(labels).get(name, "") for name in extra] if extra else []
             for gauge, n in zip(gauges, live, strict=True):
-                gauge.add_metric([label], n)
-            traffic.add_metric([label, "orig"], totals[BYTES_ORIG])
-            traffic.add_metric([label, "reply"], totals[BYTES_REPLY])
-            packets.add_metric([label, "orig"], totals[PACKETS_ORIG])
-            packets.add_metric([label, "reply"], totals[PACKETS_REPLY])
+                gauge.add_metric([label, *values], n)
+            traffic.add_metric([label, "orig", *values], totals[BYTES_ORIG])
+            traffic.add_metric([label, "reply", *values], totals[BYTES_REPLY])
+            packets.add_metric([label, "orig", *values], totals[PACKETS_ORIG])
+            packets.add_metric([label, "reply", *values], totals[PACKETS_REPLY])
         yield from gauges
         yield traffic
         yield packets
@@ -463,7 +492,7 @@ class PrometheusSink(Sink):
     def __init__(self, config: PrometheusConfig, clock: Callable[[], float] = time.monotonic):
         super().__init__(config)
         self.table = FlowTable(config.max_hosts, config.ignore, config.host_ports,
-                               config.rebalance_interval, clock)
+                               config.rebalance_interval, clock, config.host_labels)
         self.agent = AgentCollector()
         from prometheus_client import CollectorRegistry
 

@@ -306,3 +306,36 @@ def test_ignore_rules_print_as_written_and_as_mappings():
     again = parse_config("enrich:\n  ignore:\n" + "".join(
         f"    - {r.describe()!r}\n" for r in config.ignore[1:])).enrich
     assert [r.as_mapping() for r in again.ignore] == [r.as_mapping() for r in config.ignore[1:]]
+
+
+def test_range_labels_reach_every_sinks_output():
+    """The same enriched records: InfluxDB tags (both schemas), JSON labels,
+    text labels, and the Prometheus per-host series (with `other` empty)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from conntracct.sinks.goschema import ConntracctLineFormatter
+    from conntracct.sinks.lineprotocol import LineFormatter
+    from conntracct.sinks.prometheus import FlowCollector, FlowTable
+    from conntracct.sinks.records import json_line
+    from conntracct.sinks.stdout import text_line
+
+    enrich = enricher(RANGES)
+    acme = enrich(flow(orig=(HOST, "198.51.100.15", 40000, 443), flow_id=1))
+    plain = enrich(flow(orig=(HOST, "192.0.2.77", 40000, 443), flow_id=2))
+    assert "customer=acme" in LineFormatter().point(acme)[0].split(",")
+    assert ",customer=acme," in ConntracctLineFormatter().point(acme)[0] + ","
+    assert '"customer":"acme"' in json_line(acme) and "customer=acme" in text_line(acme)
+
+    table = FlowTable(max_hosts=1)
+    table.apply([acme, plain])     # one place: the second host counts under `other`
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FlowCollector(table, "prometheus"))
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for family in
+               text_string_to_metric_families(generate_latest(registry).decode()) for s in family.samples}
+    labelled = (("customer", "acme"), ("env", "prod"), ("host", "198.51.100.15:443"), ("site", "fra1"))
+    assert samples[("conntrack_open_connections", labelled)] == 1
+    assert samples[("conntrack_open_connections",
+                    (("customer", ""), ("env", ""), ("host", "other"), ("site", "")))] == 1
+    assert samples[("conntrack_flow_bytes_total", tuple(sorted((*labelled, ("direction", "orig")))))] == 180
+    assert not any("direction" in dict(key) and name.endswith("_connections") for name, key in samples)

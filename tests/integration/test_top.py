@@ -4,8 +4,9 @@ top accounts the lab's router namespace (--netns, like probe.netns) while two
 paced TCP streams cross it, one four times as fast as the other.  The test
 reads the screen as a user would (tmux capture-pane): the fast stream must be
 the first flow, with a rate within 20% of what its generator sent; sorting
-and filtering keys must act; q must end top with status 0, its BPF programs
-and links gone and the namespace's lock released.  The captured screen is
+and filtering keys must act; q, and Ctrl-C, must end top with status 0, its
+BPF programs and links gone and the namespace's lock released; beside a
+running agent top must refuse with status 2.  The captured screen is
 also what docs/top.svg is made from (CONNTRACCT_TOP_SCREENSHOT=path).
 """
 
@@ -248,3 +249,26 @@ def test_top_does_not_collide_with_a_running_agent(tmp_path):
             assert agent.proc.poll() is None
         finally:
             assert agent.stop() == 0
+
+
+def test_ctrl_c_detaches(tmp_path):
+    """Ctrl-C (SIGINT from the terminal) ends top as q does: status 0, nothing left attached."""
+    tmux = Tmux(f"conntracct-topc-{os.getpid()}")
+    config = tmp_path / "top.yml"
+    config.write_text(yaml.safe_dump({"probe": {"mode": TEST_MODE}, "sinks": [{"type": "stdout"}]}))
+    with Topology() as topo:
+        inode = topo.netns_inode("router")
+        try:
+            tmux.start(["env", f"PYTHONPATH={ROOT}", sys.executable, "-m", "conntracct", "top", "-c", str(config),
+                        "--netns", topo.ns_path("router")])
+            pid = top_pid(tmux, inode)
+            wait_screen(tmux, lambda s: "Flows by rate" in s and "attaching" not in s, 60, "the attached probe")
+            held = bpf_ids(pid)
+            tmux.keys("C-c")
+            screen = wait_screen(tmux, lambda s: "EXIT=" in s, 30, "top exiting")
+            assert "EXIT=0" in screen and "Traceback" not in screen, screen
+        finally:
+            tmux.kill()
+        assert held["prog_id"] and instance.holder(inode) is None
+        assert not any(bpf_object_exists(BPF_PROG_GET_FD_BY_ID, i) for i in held["prog_id"])
+        assert not any(bpf_object_exists(BPF_LINK_GET_FD_BY_ID, i) for i in held["link_id"])

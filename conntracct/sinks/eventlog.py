@@ -90,7 +90,9 @@ def netfilter_line(e: FlowEvent) -> str:
     if e.zone:
         parts.append(f"zone={e.zone} ")
     if e.kind == DESTROY and not e.flags & FLAG_NO_TSTAMP and e.start_ns and e.stop_ns:
-        parts.append(f"delta-time={(e.stop_ns - e.start_ns) // 1_000_000_000} ")
+        # As libnetfilter_conntrack counts it: whole seconds of stop minus
+        # whole seconds of start (0.9 s -> 1.1 s is 1), not the duration.
+        parts.append(f"delta-time={e.stop_ns // 1_000_000_000 - e.start_ns // 1_000_000_000} ")
     return "".join(parts).rstrip() + "\n"
 
 

@@ -82,7 +82,7 @@ def test_netfilter_lines_are_conntrack_e_lines():
         assert mine is not None, line
         other = theirs.get(flow_key(mine))
         assert other is not None, f"no conntrack -E DESTROY for {line}\n{theirs_text}"
-        fields = sorted(set(mine) | set(other) - NOT_COMPARED)
+        fields = sorted((set(mine) | set(other)) - NOT_COMPARED)
         assert {k: mine[k] for k in fields} == {k: other[k] for k in fields}, (line, other["line"])
         assert mine["orig"].get("packets") and mine["delta_time"] is not None    # counters, timestamps
         assert line == conntrack_text(other)                                    # and the very text

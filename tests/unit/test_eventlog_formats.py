@@ -38,6 +38,11 @@ NAT_V4 = ("198.51.100.2", "198.51.100.1")
           packets_reply=2, bytes_reply=208, status=0x18A, start_ns=100 * S, stop_ns=101 * S + 5),
      "[DESTROY] ipv6     10 icmpv6   58 src=2001:db8:1::2 dst=2001:db8:2::2 type=128 code=0 id=24344 packets=2 "
      "bytes=208 src=2001:db8:2::2 dst=2001:db8:2::1 type=129 code=0 id=24344 packets=2 bytes=208 delta-time=1"),
+    # delta-time is whole seconds of stop minus whole seconds of start (libnetfilter_conntrack)
+    (flow(DESTROY, proto=17, orig=("192.0.2.2", "198.51.100.2", 1, 2), reply=(*NAT_V4, 2, 1), status=0x18A,
+          start_ns=100 * S + 900_000_000, stop_ns=101 * S + 100_000_000, flags=FLAG_NO_ACCT),
+     "[DESTROY] ipv4     2 udp      17 src=192.0.2.2 dst=198.51.100.2 sport=1 dport=2 "
+     "src=198.51.100.2 dst=198.51.100.1 sport=2 dport=1 delta-time=1"),
     (flow(NEW, proto=1, orig=("192.0.2.2", "198.51.100.2", 0, 0), reply=(*NAT_V4, 0, 0), icmp=(8, 0, 24343),
           status=0x188, flags=FLAG_NO_ACCT),
      "    [NEW] ipv4     2 icmp     1 src=192.0.2.2 dst=198.51.100.2 type=8 code=0 id=24343 [UNREPLIED] "

@@ -1,0 +1,59 @@
+"""The kernel's own DESTROY events, read by learnt layout
+(ctnetlink.parse_entry) and by the attribute walk (ctnetlink.walk_entry):
+the same entries, for TCP, UDP and ICMP over IPv4 and IPv6, with and
+without accounting and timestamps."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from conntracct.probe import ctnetlink
+from tests.netns import Topology
+
+pytestmark = [pytest.mark.root,
+              pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces (CI runs as root)")]
+
+
+def raw_events(sock) -> list[bytes]:
+    out, buf = [], bytearray(ctnetlink.RECV_BUFFER)
+    while True:
+        try:
+            n = sock.recv_into(buf)
+        except BlockingIOError:
+            return out
+        out.append(bytes(buf[:n]))
+
+
+@pytest.mark.parametrize("acct,timestamp", [(True, True), (False, False)])
+def test_kernel_events_read_by_layout_are_the_walk(acct, timestamp):
+    with Topology(acct=acct, timestamp=timestamp) as topo:
+        with topo.lab.entered("router"):
+            events = ctnetlink.DestroyEvents(8 << 20)
+        try:
+            for family in (4, 6):
+                topo.churn(duration=0.5, rate=100, family=family)
+                topo.churn(duration=0.5, rate=100, family=family, proto="udp")
+                topo.ping(2, family=family)
+            topo.flush()
+            topo.wait_conntrack_empty()
+            messages = raw_events(events._sock)
+        finally:
+            events.close()
+    ctnetlink._layouts.clear()
+    seen = set()
+    for msg in messages:
+        view = memoryview(msg)
+        entries = list(ctnetlink.parse_messages(view, len(msg), ctnetlink.IPCTNL_MSG_CT_DELETE))
+        walked = []
+        pos = 0
+        while pos + 16 <= len(msg):
+            length = int.from_bytes(msg[pos:pos + 4], "little")
+            walked.append(ctnetlink.walk_entry(view, pos + 20, pos + length, msg[pos + 16]))
+            pos += (length + 3) & ~3
+        assert entries == walked
+        seen.update((e.family, e.orig.proto) for e in entries)
+    assert seen >= {(2, 6), (2, 17), (2, 1), (10, 6), (10, 17), (10, 58)}, seen
+    # TCP and UDP entries were read by layout (ICMP's are walked).
+    assert any(layout is not None for layout in ctnetlink._layouts.values())

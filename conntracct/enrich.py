@@ -26,12 +26,11 @@ from .enrichconfig import IgnoreRule, RangeLabels
 from .flow import FlowEvent
 from .localaddr import host_networks
 from .selfmetrics import StageStats
+from .sinks.common import PORT_PROTOS
 
 CACHE_LIMIT = 65536   # addresses; past it the cache starts over (bounded memory)
 _UNKNOWN = object()
 NO_RANGE = -1
-# Protocols whose tuples carry ports (ignore rules with ports match only these).
-_PORT_PROTOS = frozenset({6, 17, 33, 132, 136})
 
 
 class RangeTable:
@@ -187,7 +186,7 @@ class Enricher:
 
     def _ruled_out(self, event: FlowEvent, src, dst) -> bool:
         o = event.orig
-        has_ports = event.proto in _PORT_PROTOS
+        has_ports = event.proto in PORT_PROTOS    # ignore rules with ports match only these
         return any(rule.matches(event.proto, src, dst, o.sport, o.dport, has_ports) for rule in self._rules)
 
     def _ranged(self, which: int, src_seg: int, end_seg: int) -> dict[str, str]:

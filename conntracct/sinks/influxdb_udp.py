@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import logging
 import socket
 import threading
 from typing import Annotated, Literal
@@ -38,6 +39,8 @@ from .base import ACCEPTED, PermanentSinkError, Sink, SinkConfig, TransientSinkE
 from .common import host_port
 from .goschema import UNWRITABLE_REASON, LineOptions
 from .lineprotocol import PointLog
+
+log = logging.getLogger(__name__)
 
 MAX_UDP_PAYLOAD = 65507     # IPv4's limit for one UDP datagram
 
@@ -172,6 +175,9 @@ class InfluxDBUDPSink(Sink):
         return WriteResult(rejected=rejected, reason="; ".join(reasons))
 
     def close(self) -> None:
+        # UDP has no acknowledgement: say at the end what was sent, to compare
+        # with what the server holds.
+        log.info("%s: sent %s", self._where, " ".join(f"{k}={v}" for k, v in self.counters().items()))
         if self._sock is not None:
             self._sock.close()
             self._sock = None

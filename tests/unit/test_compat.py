@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from test_config import error_of
 
 from conntracct.cli import main
 from conntracct.compat import is_conntracct_format, translate
-from conntracct.config import ConfigError, load_config, parse_config, read_yaml
+from conntracct.config import load_config, parse_config, read_yaml
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "integration" / "data" / "conntracct.yml"
 EXPECTED_WARNINGS = [
@@ -23,14 +24,6 @@ EXPECTED_WARNINGS = [
     "pprof_enabled: ignored: Go's pprof profiler does not apply to this agent; profile it with py-spy if needed",
     "pprof_endpoint: ignored: Go's pprof profiler does not apply to this agent; profile it with py-spy if needed",
 ]
-
-
-def error_of(text: str) -> str:
-    with pytest.raises(ConfigError) as info:
-        parse_config(text, "go.yml")
-    message = str(info.value)
-    assert "Traceback" not in message and "pydantic" not in message
-    return message
 
 
 def test_our_own_format_is_not_translated():
@@ -97,7 +90,7 @@ sinks:
     address: "[::1]:8089"
     udpPayloadSize: 1400
     sourcePorts: true
-""", "go.yml")
+""", "test.yml")
     es, influx, udp = config.sinks
     assert (es.hosts, es.index, es.username, es.secret_password if hasattr(es, "secret_password") else
             es.password) == (["http://es1:9200", "http://es2:9200"], "flows", "elastic", "secret")
@@ -111,22 +104,22 @@ sinks:
 @pytest.mark.parametrize(("text", "error"), [
     # the user's own key names and lines, not the translated ones
     ("sinks:\n  http:\n    type: influxdb-http\n    address: localhost:8086\n",
-     "go.yml:4: sinks.http.address: expected an http:// or https:// URL"),
+     "test.yml:4: sinks.http.address: expected an http:// or https:// URL"),
     ("sinks:\n  e:\n    type: elastic\n    address: 'http://a:9200,ftp://b'\n",
-     "go.yml:4: sinks.e.address[1]: expected an http:// or https:// URL"),
-    ("sinks:\n  s:\n    type: stdout\n    batchSize: -1\n", "go.yml:4: sinks.s.batchSize: expected a number >= 1"),
-    ("sinks:\n  s:\n    type: stdout\n    colour: red\n", "go.yml:4: sinks.s.colour: unknown key"),
-    ("sinks:\n  s:\n    type: mysql\n", "go.yml:3: sinks.s.type: sink 's' has unknown type 'mysql'"),
+     "test.yml:4: sinks.e.address[1]: expected an http:// or https:// URL"),
+    ("sinks:\n  s:\n    type: stdout\n    batchSize: -1\n", "test.yml:4: sinks.s.batchSize: expected a number >= 1"),
+    ("sinks:\n  s:\n    type: stdout\n    colour: red\n", "test.yml:4: sinks.s.colour: unknown key"),
+    ("sinks:\n  s:\n    type: mysql\n", "test.yml:3: sinks.s.type: sink 's' has unknown type 'mysql'"),
     ("sinks:\n  u:\n    type: influxdb-udp\n    address: localhost\n",
-     "go.yml:4: sinks.u.address: expected host:port"),
-    ("sysctl_manage: maybe\n", "go.yml:1: sysctl_manage: expected true or false"),
-    ("api_enabled: true\nfrobnicate: 1\n", "go.yml:2: frobnicate: unknown key"),
+     "test.yml:4: sinks.u.address: expected host:port"),
+    ("sysctl_manage: maybe\n", "test.yml:1: sysctl_manage: expected true or false"),
+    ("api_enabled: true\nfrobnicate: 1\n", "test.yml:2: frobnicate: unknown key"),
     ("probe:\n  rate_curve:\n    0: {age: 0, rate: 20s}\n    1: {age: 10x, rate: 60s}\n",
-     "go.yml:4: probe.rate_curve.1.age: expected a duration"),
+     "test.yml:4: probe.rate_curve.1.age: expected a duration"),
     ("probe:\n  rate_curve:\n    0: {age: 0, rate: 20s}\n    1: {age: 60s, rate: 5s}\n",
-     "go.yml:4: probe.rate_curve.1.rate: expected an interval of at least the previous 20s"),
+     "test.yml:4: probe.rate_curve.1.rate: expected an interval of at least the previous 20s"),
     ("probe:\n  rate_curve:\n    0: {age: 0, rate: 20s, jitter: 1s}\n",
-     "go.yml:3: probe.rate_curve.0.jitter: unknown key"),
+     "test.yml:3: probe.rate_curve.0.jitter: unknown key"),
 ])
 def test_errors_name_the_files_own_keys_and_lines(text, error):
     assert error in error_of(text)

@@ -6,6 +6,7 @@ import ipaddress
 
 import pytest
 from sample_flows import flow
+from test_config import error_of
 
 from conntracct.config import parse_config
 from conntracct.enrich import Enricher
@@ -226,10 +227,7 @@ def test_range_table_agrees_with_a_linear_scan_on_overlapping_ranges():
     ("{range: 192.0.2.0/24}", "ranges[0].labels: "),
 ])
 def test_bad_ranges_are_named(text, error):
-    from conntracct.config import ConfigError
-    with pytest.raises(ConfigError) as info:
-        parse_config("enrich:\n  ranges:\n    - %s\n" % text, "r.yml")
-    assert f"r.yml:3: enrich.{error}" in str(info.value)
+    assert f"test.yml:3: enrich.{error}" in error_of("enrich:\n  ranges:\n    - %s\n" % text)
 
 
 # -- ignore rules with protocols and ports -----------------------------------
@@ -289,11 +287,8 @@ def test_ignore_rules_memoised_per_flow_count_every_record():
     ("{}", "expected a rule naming a protocol, ports or a network"),
 ])
 def test_bad_ignore_rules_are_named(rule, error):
-    from conntracct.config import ConfigError
-    with pytest.raises(ConfigError) as info:
-        parse_config("enrich:\n  ignore:\n    - 10.0.0.0/8\n    - %s\n" % rule, "i.yml")
-    message = str(info.value)
-    assert message.startswith("i.yml:4: enrich.ignore[1]") and error in message, message
+    message = error_of("enrich:\n  ignore:\n    - 10.0.0.0/8\n    - %s\n" % rule)
+    assert message.startswith("test.yml:4: enrich.ignore[1]") and error in message, message
     if rule.startswith("'"):
         assert f"(got {rule})" in message    # the rule as written
 

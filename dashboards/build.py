@@ -322,6 +322,19 @@ def prometheus_dashboard():
                     [promql(f"sum by (program) (rate(conntracct_bpf_program_run_seconds_total{{{P}}}"
                             f"[$__rate_interval])) / sum by (program) (rate(conntracct_bpf_program_runs_total"
                             f"{{{P}}}[$__rate_interval]))", "{{program}}")], ds, w=8),
+        stat_panel("Conntrack tracking", "Whether conntrack tracks each address family in the namespace the "
+                   "agent accounts: a family it does not track has no flows to report (conntrack.ensure_tracking "
+                   "fixes it). Untracked packets: IP packets that passed meanwhile.", "none",
+                   [promql(f"min by (instance, family) (conntracct_conntrack_tracking{{{P}}})",
+                           "{{instance}} {{family}}", instant=True)], ds, w=8, h=8)
+        .mappings([dashboard_model.ValueMap(options={
+            "1": dashboard_model.ValueMappingResult(text="tracking", color="green", index=0),
+            "0": dashboard_model.ValueMappingResult(text="NOT tracking", color="red", index=1),
+            "-1": dashboard_model.ValueMappingResult(text="cannot tell", color="orange", index=2)})]),
+        time_series("Untracked packets", "IP packets per second that passed in the accounted namespace while "
+                    "conntrack did not track their family (their traffic is in no flow).", "pps",
+                    [promql(f"sum by (instance, family) (rate(conntracct_untracked_packets_total{{{P}}}"
+                            "[$__rate_interval]))", "{{instance}} {{family}}")], ds, w=8),
         time_series("Flow-state map use", "Flows in the probe's per-flow state map as a share of "
                     "probe.max_flows; flows left untracked because it was full.", "percentunit",
                     [promql(f"sum by (instance) (conntracct_flow_state_entries{{{P}}}) / "

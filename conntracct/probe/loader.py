@@ -15,6 +15,7 @@ from .btf import kernel_btf
 from .layout import DEFINES
 from .offsets import kernel_offsets
 from .record import FLOW_KEY, FLOW_STATE, RECORD, STAT_NAMES, FlowState
+from .ringbuf import RingBuffer
 
 log = logging.getLogger(__name__)
 
@@ -180,11 +181,17 @@ class Probe:
             self._configure(stamped_since_start)
             self._attach(destroy)
             self._records = self._bpf["records"]
-            self._records.open_ring_buffer(self._callback_for(on_record))
+            self.ring_fd = self._records.map_fd
+            self._on_record = on_record
+            if RingBuffer.supported():
+                # Our own reader: maps only what it reads (ringbuf.py).
+                self._ring: RingBuffer | None = RingBuffer(self.ring_fd, self._records.max_entries)
+            else:
+                self._ring = None
+                self._records.open_ring_buffer(self._callback_for(on_record))
         except Exception:
             self.close()
             raise
-        self.ring_fd = self._records.map_fd
         self._stats = self._bpf["stats"]
         self._flows = self._bpf["flows"]
         self._taker = bpfsys.MapEntryTaker(self._flows.map_fd, FLOW_KEY.size, FLOW_STATE.size)
@@ -225,7 +232,10 @@ class Probe:
     # -- running --------------------------------------------------------------
     def consume(self) -> None:
         """Hand over every record queued now, without waiting."""
-        self._bpf.ring_buffer_consume()
+        if self._ring is not None:
+            self._ring.consume(self._on_record)
+        else:
+            self._bpf.ring_buffer_consume()
 
     def take_flow_state(self, key: bytes) -> FlowState | None:
         """Remove a flow's kernel-side state (key: a struct flow_key) and return it."""
@@ -251,6 +261,9 @@ class Probe:
         return out
 
     def close(self) -> None:
+        if getattr(self, "_ring", None) is not None:
+            self._ring.close()
+            self._ring = None
         for fd in self._links:
             os.close(fd)
         self._links.clear()

@@ -86,6 +86,8 @@ class Tmux:
 
     def kill(self) -> None:
         subprocess.run(["tmux", "-L", self.socket, "kill-server"], capture_output=True, timeout=10)
+        # the server's socket file stays behind otherwise
+        (Path(os.environ.get("TMUX_TMPDIR", "/tmp")) / f"tmux-{os.getuid()}" / self.socket).unlink(missing_ok=True)
 
 
 def wait_screen(tmux: Tmux, predicate, timeout: float, what: str) -> str:

@@ -293,6 +293,10 @@ def parse_range(value: Any) -> tuple[IPAddress, IPAddress]:
     return first, last
 
 
+PROMACCT_HINT = ("expected {range: ..., labels: {...}} or promacct's -r text such as "
+                 "'192.0.2.10-192.0.2.20:customer=acme:env=prod'")
+
+
 class RangeLabels(StrictModel):
     """Labels every record whose chosen endpoint is in `range` carries."""
 
@@ -300,6 +304,20 @@ class RangeLabels(StrictModel):
     labels: dict[str, str]
 
     _check_labels = field_validator("labels")(_check_labels)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _promacct_text(cls, data: Any) -> Any:
+        """promacct's `-r RANGE:key=value:key=value` as it is.  IPv6 ranges
+        hold colons too: the labels start at the first part with '='."""
+        if not isinstance(data, str):
+            return data
+        parts = data.strip().split(":")
+        first = next((i for i, part in enumerate(parts) if "=" in part), None)
+        if first is None or first == 0 or not all("=" in part for part in parts[first:]):
+            raise PydanticCustomError("range_labels", PROMACCT_HINT)
+        return {"range": ":".join(parts[:first]),
+                "labels": dict(part.split("=", 1) for part in parts[first:])}
 
     @property
     def range_text(self) -> str:

@@ -334,3 +334,12 @@ def test_range_labels_reach_every_sinks_output():
                     (("customer", ""), ("env", ""), ("host", "other"), ("site", "")))] == 1
     assert samples[("conntrack_flow_bytes_total", tuple(sorted((*labelled, ("direction", "orig")))))] == 180
     assert not any("direction" in dict(key) and name.endswith("_connections") for name, key in samples)
+
+
+def test_promacct_range_text_is_accepted_as_it_is():
+    config = parse_config("enrich:\n  ranges:\n    - 192.0.2.10-192.0.2.20:customer=acme:env=prod\n"
+                          "    - '2001:db8::/32:customer=six'\n").enrich
+    assert [(r.range_text, r.labels) for r in config.ranges] == [
+        ("192.0.2.10-192.0.2.20", {"customer": "acme", "env": "prod"}), ("2001:db8::/32", {"customer": "six"})]
+    assert "test.yml:3: enrich.ranges[0]: expected {range: ..., labels: {...}} or promacct's -r text" in error_of(
+        "enrich:\n  ranges:\n    - 192.0.2.10-192.0.2.20\n")

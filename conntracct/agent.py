@@ -134,7 +134,8 @@ class Agent:
         try:
             self.source = FlowSource(mode, probe_settings(cfg), emit, stamped,
                                      netlink_rcvbuf=int(cfg.probe.netlink_rcvbuf),
-                                     sweep_interval_s=cfg.probe.sweep_interval, netns_path=cfg.probe.netns)
+                                     sweep_interval_s=cfg.probe.sweep_interval, netns_path=cfg.probe.netns,
+                                     kinds=self._wanted_kinds())
         except ProbeError as e:
             if os.strerror(errno.EBUSY) in str(e):
                 with netns.entered(cfg.probe.netns):
@@ -143,6 +144,12 @@ class Agent:
             raise EnvironmentProblem(f"{e}. `conntracct check` shows what this kernel allows.") from None
         tune_garbage_collector()    # first: see its docstring
         release_compiler_memory()   # BCC's LLVM is not needed once the probe is attached
+
+    def _wanted_kinds(self) -> frozenset[str] | None:
+        """The record kinds some sink wants (the source skips the others); all with a consumer."""
+        if self._consumer is not None:
+            return None
+        return frozenset().union(*(w.kinds for w in self.pipeline.workers))
 
     def _choose_mode(self) -> str:
         requested = self.config.probe.mode

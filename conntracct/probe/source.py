@@ -12,10 +12,11 @@ from collections import Counter
 from collections.abc import Callable
 
 from .. import netns
-from ..flow import FLAG_NO_EVENTS, FlowEvent
+from ..flow import FLAG_NO_EVENTS, NEW, UPDATE, FlowEvent
 from .ends import FlowEnds
+from .layout import RECORD_LAYOUT
 from .loader import Probe, ProbeSettings
-from .record import TRACK, decode, first_sight_new
+from .record import KIND_CODES, KIND_NUMBERS, TRACK, decode, first_sight_new
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +29,18 @@ COUNTERS = ("received_new", "received_update", "received_destroy", "decode_error
 # kernel wakes it for every single record, and at thousands of records/s the
 # wake-ups cost more than the records.  10 ms of records is ~100 kB at 50k/s.
 READ_GAP_S = 0.010
+_KIND_AT = RECORD_LAYOUT.offset("kind")
+_FLAGS_AT = RECORD_LAYOUT.offset("flags")
+
+
+def unwanted_kind_codes(kinds: frozenset[str] | None) -> bytes:
+    """The record kind codes no sink wants (kinds: what the sinks want,
+    None: all): such records are counted and not decoded, unless the flow
+    ends unseen by ctnetlink (its records tell the sweep about it).  DESTROYs
+    are always read: one seen first at its end also makes the flow's NEW.
+    With DESTROY-only sinks that skips the NEW of every flow, a seventh of
+    the agent's CPU per finished flow (bench/p6_profile.py)."""
+    return bytes(KIND_NUMBERS[k] for k in (NEW, UPDATE) if kinds is not None and k not in kinds)
 
 
 class FlowSource:
@@ -36,8 +49,10 @@ class FlowSource:
 
     def __init__(self, mode: str, settings: ProbeSettings, emit: Callable[[FlowEvent], None],
                  stamped_since_start: bool, netlink_rcvbuf: int = 64 << 20,
-                 sweep_interval_s: float = 30.0, netns_path: str | None = None):
+                 sweep_interval_s: float = 30.0, netns_path: str | None = None,
+                 kinds: frozenset[str] | None = None):
         self.mode = mode
+        self._unwanted = unwanted_kind_codes(kinds)
         self.max_flows = settings.max_flows
         self.sweep_interval_s = sweep_interval_s
         self._emit = emit
@@ -59,6 +74,10 @@ class FlowSource:
 
     # -- records from the probe ---------------------------------------------
     def _on_record(self, raw: bytes) -> None:
+        kind = raw[_KIND_AT]
+        if kind in self._unwanted and not (self._ends and raw[_FLAGS_AT] & FLAG_NO_EVENTS):
+            self.counts["received_" + KIND_CODES[kind]] += 1
+            return
         try:
             event = decode(raw, self.probe.wall_offset_ns)
         except (ValueError, KeyError) as e:

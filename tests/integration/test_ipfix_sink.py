@@ -19,7 +19,6 @@ forward counters only.
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from tests.integration.running_agent import FAST_CURVE, RunningAgent, by_flow, find
+from tests.integration.running_agent import FAST_CURVE, RunningAgent, by_flow, exit_summary, find
 from tests.netns import Topology, find_flows
 
 pytest.importorskip("ipfix", reason="python3-ipfix (./tasks.py test installs it)")
@@ -282,9 +281,7 @@ def test_tcp_collector_going_away_retries_counts_drops_and_reconnects():
             assert agent.stop() == 0
             collector.close()
     assert "Traceback" not in agent.stderr
-    # The agent's exit summary of the sink: "sink ipfix: received=3 emitted=2 dropped=1 ...".
-    line = re.search(r"sink ipfix: (.*'?received'?[=:].*)", agent.stderr).group(1)
-    summary = {key: int(value) for key, value in re.findall(r"'?(\w+)'?[=:] ?(\d+)", line)}
+    summary = exit_summary(agent.stderr, "sink ipfix")   # "sink ipfix: received=3 emitted=2 dropped=1 ..."
     assert summary["dropped"] > 0 and summary["emitted"] >= 2, summary
     # The new connection: templates first, sequence numbers from 0, the later flow decoded.
     messages = collector.connections[0]

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ctypes
 import os
+import re
 import socket
+import struct
 
 BPF_PROG_TYPE_NETFILTER = 32
 BPF_NETFILTER = 45
@@ -119,3 +121,99 @@ def prog_run_stats(prog_fd: int) -> tuple[int, int]:
     run_time = int.from_bytes(info.raw[_RUN_TIME_AT:_RUN_TIME_AT + 8], "little")
     run_cnt = int.from_bytes(info.raw[_RUN_CNT_AT:_RUN_CNT_AT + 8], "little")
     return run_cnt, run_time
+
+
+# -- tiny programs loaded with bpf(2) itself (mode detection) ----------------------------
+#
+# Detection loads and attaches a program that returns at once, the way the
+# probe's own programs would be: through BCC that means a clang compile per
+# try (~0.2-0.4 s each, most of `conntracct run`'s start-up, bench P5);
+# these few instructions need none.
+
+BPF_PROG_TYPE_KPROBE = 2
+BPF_PROG_TYPE_TRACING = 26
+BPF_TRACE_FENTRY, BPF_TRACE_FEXIT = 24, 25
+_BPF_PROG_LOAD = 5
+_BPF_RAW_TRACEPOINT_OPEN = 17
+_SYS_PERF_EVENT_OPEN = {"x86_64": 298, "aarch64": 241}.get(os.uname().machine, 298)
+_PERF_FLAG_FD_CLOEXEC = 8
+_PERF_EVENT_IOC_SET_BPF = 0x40042408
+KPROBE_PMU = "/sys/bus/event_source/devices/kprobe/type"
+
+
+class _ProgLoadAttr(ctypes.Structure):
+    # union bpf_attr, prog_load member (fields up to attach_prog_fd).
+    _fields_ = [
+        ("prog_type", ctypes.c_uint32), ("insn_cnt", ctypes.c_uint32), ("insns", ctypes.c_uint64),
+        ("license", ctypes.c_uint64), ("log_level", ctypes.c_uint32), ("log_size", ctypes.c_uint32),
+        ("log_buf", ctypes.c_uint64), ("kern_version", ctypes.c_uint32), ("prog_flags", ctypes.c_uint32),
+        ("prog_name", ctypes.c_char * 16), ("prog_ifindex", ctypes.c_uint32),
+        ("expected_attach_type", ctypes.c_uint32), ("prog_btf_fd", ctypes.c_uint32),
+        ("func_info_rec_size", ctypes.c_uint32), ("func_info", ctypes.c_uint64), ("func_info_cnt", ctypes.c_uint32),
+        ("line_info_rec_size", ctypes.c_uint32), ("line_info", ctypes.c_uint64), ("line_info_cnt", ctypes.c_uint32),
+        ("attach_btf_id", ctypes.c_uint32), ("attach_prog_fd", ctypes.c_uint32), ("_rest", ctypes.c_uint8 * 64),
+    ]
+
+
+class _RawTracepointAttr(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_uint64), ("prog_fd", ctypes.c_uint32), ("_rest", ctypes.c_uint8 * 116)]
+
+
+class _PerfEventAttr(ctypes.Structure):
+    # struct perf_event_attr up to config2 (PERF_ATTR_SIZE_VER1, 72 bytes) and zeros.
+    _fields_ = [("type", ctypes.c_uint32), ("size", ctypes.c_uint32), ("config", ctypes.c_uint64),
+                ("sample_period", ctypes.c_uint64), ("sample_type", ctypes.c_uint64),
+                ("read_format", ctypes.c_uint64), ("flags", ctypes.c_uint64), ("wakeup_events", ctypes.c_uint32),
+                ("bp_type", ctypes.c_uint32), ("config1", ctypes.c_uint64), ("config2", ctypes.c_uint64),
+                ("_rest", ctypes.c_uint8 * 40)]
+
+
+def _return(value: int) -> bytes:
+    """r0 = value; exit."""
+    return struct.pack("<BBhiBBhi", 0xB7, 0, 0, value, 0x95, 0, 0, 0)
+
+
+def _kernel_version_code() -> int:
+    """LINUX_VERSION_CODE of the running kernel (kprobe programs state it before Linux 5.0)."""
+    parts = [int(p) for p in re.findall(r"\d+", os.uname().release)[:3]] + [0, 0, 0]
+    return (parts[0] << 16) | (parts[1] << 8) | min(parts[2], 255)
+
+
+def load_trivial(prog_type: int, value: int = 0, attach_type: int = 0, attach_btf_id: int = 0) -> int:
+    """Load a program that returns `value` at once; its fd (OSError with errno if refused)."""
+    code = ctypes.create_string_buffer(_return(value), 16)
+    license_ = ctypes.create_string_buffer(b"GPL")
+    attr = _ProgLoadAttr(prog_type=prog_type, insn_cnt=2, insns=ctypes.addressof(code),
+                         license=ctypes.addressof(license_), kern_version=_kernel_version_code(),
+                         prog_name=b"conntracct_try", expected_attach_type=attach_type,
+                         attach_btf_id=attach_btf_id)
+    fd, err = _bpf(_BPF_PROG_LOAD, attr)
+    if fd < 0:
+        raise OSError(err, os.strerror(err))
+    return fd
+
+
+def attach_tracing(prog_fd: int) -> int:
+    """Attach a loaded fentry/fexit program (BPF_RAW_TRACEPOINT_OPEN); the link fd."""
+    fd, err = _bpf(_BPF_RAW_TRACEPOINT_OPEN, _RawTracepointAttr(prog_fd=prog_fd))
+    if fd < 0:
+        raise OSError(err, os.strerror(err))
+    return fd
+
+
+def attach_kprobe(prog_fd: int, function: str) -> int:
+    """Attach a loaded kprobe program to `function` through the kprobe PMU (Linux 4.17+,
+    what BCC uses when it exists); the perf event fd, which detaches when closed."""
+    with open(KPROBE_PMU) as f:
+        pmu = int(f.read())
+    name = ctypes.create_string_buffer(function.encode())
+    attr = _PerfEventAttr(type=pmu, size=72, sample_period=1, wakeup_events=1, config1=ctypes.addressof(name))
+    fd = _libc.syscall(_SYS_PERF_EVENT_OPEN, ctypes.byref(attr), -1, 0, -1, _PERF_FLAG_FD_CLOEXEC)
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"perf_event_open(kprobe {function}): {os.strerror(err)}")
+    if _libc.ioctl(fd, _PERF_EVENT_IOC_SET_BPF, prog_fd) != 0:
+        err = ctypes.get_errno()
+        os.close(fd)
+        raise OSError(err, f"attach to kprobe {function}: {os.strerror(err)}")
+    return fd

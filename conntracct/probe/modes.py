@@ -14,7 +14,7 @@ from pathlib import Path
 from .. import instance, netns, privileges
 from . import bpfsys
 from .btf import BTFError, kernel_btf
-from .loader import MODES, REFRESH_FUNC, ProbeError, destroy_func, ensure_tracefs, explain, fentry_unreachable
+from .loader import DESTROY_FUNCS, MODES, REFRESH_FUNC, ensure_tracefs, explain, fentry_unreachable
 from .offsets import kernel_offsets
 
 # Cheapest per packet first.
@@ -90,28 +90,75 @@ def check_btf() -> Check:
                  + ": conntrack offsets resolved")
 
 
+def refused(err: OSError) -> str:
+    """A bpf() refusal as one line a user can act on (as loader.explain words BCC's)."""
+    if err.errno == errno.EPERM and os.geteuid() == 0:
+        lockdown = Path("/sys/kernel/security/lockdown")
+        why = (f"lockdown: {lockdown.read_text().strip()}" if lockdown.exists()
+               else "kernel lockdown or no BPF trampolines?")
+        return f"the kernel refused to load it (EPERM) although running as root ({why})"
+    return err.strerror or str(err)
+
+
+@contextlib.contextmanager
+def _closing():
+    """A list to put file descriptors in; all closed at the end."""
+    fds: list[int] = []
+    try:
+        yield fds
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+# The tries load and attach programs that return at once, with bpf(2)
+# itself (bpfsys.load_trivial): through BCC each was a clang compile,
+# 0.2-0.4 s apiece, most of `conntracct run`'s start-up (bench P5).
+
 def try_fentry() -> Check:
     """fexit on the refresh function and fentry on the destructor, when both
     are vmlinux functions (the only ones BCC 0.26 can reach)."""
     try:
-        destroy = destroy_func()
+        btf = kernel_btf()
+        # fentry attaches by BTF id: the destructor BTF describes (kallsyms,
+        # which kprobes need, takes ~0.25 s to read).
+        destroy = next((name for name in DESTROY_FUNCS if btf.func_origin(name)), None)
+        if destroy is None:
+            return Check("fentry", False, f"none of the conntrack destructors {DESTROY_FUNCS} is in kernel BTF")
         why = fentry_unreachable(destroy)
-    except (ProbeError, BTFError) as e:
+    except BTFError as e:
         return Check("fentry", False, str(e))
     if why:
         return Check("fentry", False, why)
     try:
-        b = _quiet_bpf(f"KRETFUNC_PROBE({REFRESH_FUNC}, void *ct) {{ return 0; }}\n"
-                       f"KFUNC_PROBE({destroy}, void *ct) {{ return 0; }}\n")
-        b.cleanup()
-    except Exception as e:
-        return Check("fentry", False, f"fentry/fexit on {REFRESH_FUNC}: {explain(e)}")
+        with _closing() as fds:
+            for func, attach in ((REFRESH_FUNC, bpfsys.BPF_TRACE_FEXIT), (destroy, bpfsys.BPF_TRACE_FENTRY)):
+                fds.append(bpfsys.load_trivial(bpfsys.BPF_PROG_TYPE_TRACING, 0, attach, btf.func_id(func)))
+                fds.append(bpfsys.attach_tracing(fds[-1]))
+    except OSError as e:
+        return Check("fentry", False, f"fentry/fexit on {REFRESH_FUNC}: {refused(e)}")
     return Check("fentry", True, f"fexit {REFRESH_FUNC} + fentry {destroy} attach")
 
 
 def try_kprobe() -> Check:
+    ensure_tracefs()
+    if not Path(bpfsys.KPROBE_PMU).exists():
+        if Path("/sys/kernel/tracing/kprobe_events").exists() or \
+                Path("/sys/kernel/debug/tracing/kprobe_events").exists():
+            return _try_kprobe_bcc()    # no kprobe PMU (before 4.17): BCC's tracefs path
+        return Check("kprobe", False, f"kprobe on {REFRESH_FUNC}: no kprobe PMU and no kprobe_events "
+                                      "(kernel built without CONFIG_KPROBES?)")
     try:
-        ensure_tracefs()
+        with _closing() as fds:
+            fds.append(bpfsys.load_trivial(bpfsys.BPF_PROG_TYPE_KPROBE))
+            fds.append(bpfsys.attach_kprobe(fds[0], REFRESH_FUNC))
+    except OSError as e:
+        return Check("kprobe", False, f"kprobe on {REFRESH_FUNC}: {refused(e)}")
+    return Check("kprobe", True, f"kprobe on {REFRESH_FUNC} attaches")
+
+
+def _try_kprobe_bcc() -> Check:
+    try:
         b = _quiet_bpf("int probe(void *ctx) { return 0; }")
         try:
             with quiet_stderr():
@@ -119,11 +166,7 @@ def try_kprobe() -> Check:
         finally:
             b.cleanup()
     except Exception as e:
-        reason = explain(e)
-        if not Path("/sys/kernel/tracing/kprobe_events").exists() and \
-                not Path("/sys/kernel/debug/tracing/kprobe_events").exists():
-            reason += " (no kprobe_events: kernel built without CONFIG_KPROBES?)"
-        return Check("kprobe", False, f"kprobe on {REFRESH_FUNC}: {reason}")
+        return Check("kprobe", False, f"kprobe on {REFRESH_FUNC}: {explain(e)}")
     return Check("kprobe", True, f"kprobe on {REFRESH_FUNC} attaches")
 
 
@@ -135,23 +178,20 @@ def try_netfilter() -> Check:
     ours = bpfsys.PRIORITY_AFTER_CONNTRACK
     busy = ""
     try:
-        b = _quiet_bpf("int probe(void *ctx) { return 1; }")
-        try:
-            fn = b.load_func(b"probe", bpfsys.BPF_PROG_TYPE_NETFILTER, attach_type=bpfsys.BPF_NETFILTER)
+        with _closing() as fds:
+            fds.append(bpfsys.load_trivial(bpfsys.BPF_PROG_TYPE_NETFILTER, 1, bpfsys.BPF_NETFILTER))
             family, hook = bpfsys.PROBE_HOOKS[0]
             try:
-                os.close(bpfsys.link_netfilter(fn.fd, family, hook))
+                fds.append(bpfsys.link_netfilter(fds[0], family, hook))
             except OSError as e:
                 if e.errno != errno.EBUSY:
                     raise
-                os.close(bpfsys.link_netfilter(fn.fd, family, hook, ours + 1))
+                fds.append(bpfsys.link_netfilter(fds[0], family, hook, ours + 1))
                 busy = f"; priority {ours} is busy: {instance.busy_cause(netns.inode(), ours)}"
-        finally:
-            b.cleanup()
-    except Exception as e:
-        text = explain(e)
-        denied = "not permitted" in text or "super-user" in text or "busy" in text
-        return Check("netfilter", False, f"BPF netfilter link: {text}" + ("" if denied else " (needs Linux 6.4+)"))
+    except OSError as e:
+        denied = e.errno in (errno.EPERM, errno.EACCES, errno.EBUSY)
+        return Check("netfilter", False,
+                     f"BPF netfilter link: {refused(e)}" + ("" if denied else " (needs Linux 6.4+)"))
     return Check("netfilter", True, f"BPF_PROG_TYPE_NETFILTER links attach (this network namespace){busy}")
 
 

@@ -14,9 +14,10 @@ Delta counters are the gain since the flow's previous *exported* record, so
 they add up to the flow's final totals whichever kinds are exported.
 
 Transport:
-- UDP: templates go out at start, then again every `template_refresh`
-  seconds and every `template_refresh_messages` messages (RFC 7011 §8.4),
-  and after a send error (a collector that restarted has lost them).
+- UDP: templates go out ahead of the first message, then again every
+  `template_refresh` seconds and every `template_refresh_messages` messages
+  (RFC 7011 §8.4), and after a send error (a collector that restarted has
+  lost them).
 - TCP: templates once per connection; a lost connection fails the write,
   and the pipeline's retries reconnect.  A new connection is a new transport
   session: its sequence numbers start again at 0.

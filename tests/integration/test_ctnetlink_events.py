@@ -1,7 +1,8 @@
-"""The kernel's own DESTROY events, read by learnt layout
-(ctnetlink.parse_entry) and by the attribute walk (ctnetlink.walk_entry):
-the same entries, for TCP, UDP and ICMP over IPv4 and IPv6, with and
-without accounting and timestamps."""
+"""The kernel's own DESTROY events as the agent reads them (DestroyEvents:
+many datagrams per recvmmsg, messages read by learnt layout) and one recv
+per datagram with the attribute walk (ctnetlink.walk_entry): the same
+entries, for TCP, UDP and ICMP over IPv4 and IPv6, with and without
+accounting and timestamps."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ def test_kernel_events_read_by_layout_are_the_walk(acct, timestamp):
     with Topology(acct=acct, timestamp=timestamp) as topo:
         with topo.lab.entered("router"):
             events = ctnetlink.DestroyEvents(8 << 20)
+            batched = ctnetlink.DestroyEvents(8 << 20)
         try:
             for family in (4, 6):
                 topo.churn(duration=0.5, rate=100, family=family)
@@ -39,8 +41,10 @@ def test_kernel_events_read_by_layout_are_the_walk(acct, timestamp):
             topo.flush()
             topo.wait_conntrack_empty()
             messages = raw_events(events._sock)
+            read = batched.read()
         finally:
             events.close()
+            batched.close()
     ctnetlink._layouts.clear()
     seen = set()
     for msg in messages:
@@ -55,5 +59,8 @@ def test_kernel_events_read_by_layout_are_the_walk(acct, timestamp):
         assert entries == walked
         seen.update((e.family, e.orig.proto) for e in entries)
     assert seen >= {(2, 6), (2, 17), (2, 1), (10, 6), (10, 17), (10, 58)}, seen
+    assert read == [e for msg in messages for e in ctnetlink.parse_messages(memoryview(msg), len(msg),
+                                                                             ctnetlink.IPCTNL_MSG_CT_DELETE)]
+    assert batched.overruns == 0 and len(read) > ctnetlink.BatchReceiver.SLOTS   # several recvmmsg calls
     # TCP and UDP entries were read by layout (ICMP's are walked).
     assert any(layout is not None for layout in ctnetlink._layouts.values())

@@ -18,8 +18,9 @@ flushed every 10 ms) is started `--runs` times, one after the other.  Per run:
                  BCC compile of the probe, attach)
 
 and, in a separate process per run, the parts on their own: importing the
-agent, mode detection (conntracct.probe.modes.choose_mode: three tiny BCC
-programs tried), compiling the probe (loader.compile_probe) and attaching it
+agent, mode detection (conntracct.probe.modes.choose_mode: the checks, kernel
+BTF parsed, and a two-instruction program per mode loaded and attached with
+bpf(2)), compiling the probe (loader.compile_probe) and attaching it
 (the rest of loader.Probe).  Medians over the runs; the first run (coldest
 caches) is reported too.
 """
@@ -174,7 +175,7 @@ def main() -> None:
     report.row("  mode chosen -> running (sysctls, BCC compile, attach)",
                f"{median('mode_to_running_s', starts):.2f} s")
     for key, label in (("import", "import conntracct.agent"),
-                       ("detect", "mode detection (3 tiny BCC programs tried)"),
+                       ("detect", "mode detection (checks, BTF, a tiny program per mode)"),
                        ("compile", "BCC compile of the probe"), ("attach", "load + attach + ring buffer")):
         report.row(f"  part on its own: {label}", f"{median(key, pieces) * 1000:.0f} ms")
     report.save(args.json)

@@ -30,7 +30,7 @@ from tests.integration.running_agent import FAST_CURVE, RunningAgent, by_flow, e
 from tests.netns import Topology, find_flows
 
 pytest.importorskip("ipfix", reason="python3-ipfix (./tasks.py test installs it)")
-from tests.servers.ipfix import Nfacctd, Nfcapd, TcpCollector, Tshark, decode  # noqa: E402
+from tests.servers.ipfix import Nfacctd, Nfcapd, TcpCollector, Tshark, decode, free_udp_port  # noqa: E402
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root: namespaces and BPF (CI runs as root)")]
@@ -315,7 +315,7 @@ def test_tshark_check_sees_a_malformed_message():
 
     from conntracct.ipfix_encoding import Session, template_bodies
 
-    port = Nfcapd().port
+    port = free_udp_port()
     tshark = Tshark(port).start()
     try:
         good = Session(1).seal(template_bodies(1400, 32473)[0], int(time.time()))

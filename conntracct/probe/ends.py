@@ -92,11 +92,11 @@ class FlowEnds:
         if event.kind != DESTROY and (event.kind != UPDATE or self._unevented_from_updates):
             self._unevented[record_key(raw)] = reply_raw(raw)
 
-    def _event(self, **fields) -> FlowEvent:
+    def _event(self, ts_ns: int, **fields) -> FlowEvent:
         """The DESTROY of a flow, from its fields by name; ts_ns: wall clock."""
         offset = self._probe.wall_offset_ns
         # The record holds the probe's clock; never below 0 (a wall clock set back).
-        return decode(pack_record(kind=DESTROY, ts=max(0, fields.pop("ts_ns") - offset), **fields), offset)
+        return decode(pack_record(kind=DESTROY, ts=max(0, ts_ns - offset), **fields), offset)
 
     # -- DESTROY events from ctnetlink ---------------------------------------------
     def on_events(self) -> None:

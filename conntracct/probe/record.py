@@ -157,20 +157,36 @@ _PACK_ORDER = [(f.name, f.count if f.ctype != "u8" and not f.ctype.startswith("s
                for f in RECORD_LAYOUT.fields if not f.padding]
 
 
+# Where each field's value(s) go among RECORD.pack's arguments: (index, array length or 0).
+_PACK_SLOTS: dict[str, tuple[int, int]] = {}
+for _name, _length in _PACK_ORDER:
+    _PACK_SLOTS[_name] = (sum(max(n, 1) for n in (length for _, length in _PACK_ORDER[:len(_PACK_SLOTS)])), _length)
+# A record of zeros as RECORD.pack's arguments (the tuples as empty bytes).
+_PACK_ZEROS = [b"" if RECORD_LAYOUT.format(name).endswith("s") else 0
+               for name, length in _PACK_ORDER for _ in range(max(length, 1))]
+_KIND_SLOT = _PACK_SLOTS.pop("kind")[0]
+
+
 def pack_record(*, kind: str, **fields) -> bytes:
     """A struct flow_record from its fields by their names in bpf/record.h
     (kind by name; arrays as tuples; ts in the probe's clock).  Fields not
-    given are 0; array values wrap as the probe's u64 do."""
-    fields["kind"] = KIND_NUMBERS[kind]
-    values: list = []
-    for name, length in _PACK_ORDER:
-        value = fields.pop(name, 0)
-        if length:
-            values.extend(v & _U64 for v in (value or (0,) * length))
+    given are 0; array values wrap as the probe's u64 do.  Every flow end of
+    netfilter mode passes here: only the fields given are visited."""
+    values = _PACK_ZEROS.copy()
+    values[_KIND_SLOT] = KIND_NUMBERS[kind]
+    slots = _PACK_SLOTS
+    for name, value in fields.items():
+        slot = slots.get(name)
+        if slot is None:
+            raise TypeError(f"struct flow_record has no field {name}")
+        at, length = slot
+        if not length:
+            values[at] = value
+        elif length == 2:
+            values[at] = value[0] & _U64
+            values[at + 1] = value[1] & _U64
         else:
-            values.append(value)
-    if fields:
-        raise TypeError(f"struct flow_record has no field {', '.join(sorted(fields))}")
+            values[at:at + length] = [v & _U64 for v in value]
     return RECORD.pack(*values)
 
 

@@ -19,8 +19,8 @@ Schema (docs/influxdb.md has it with example queries):
             [direction] [zone] [netns] [mark] [flow_id] + enrichment labels
     fields  packets_orig bytes_orig packets_reply bytes_reply
             delta_packets_orig delta_bytes_orig delta_packets_reply
-            delta_bytes_reply flow_id finished [tcp_state] [icmp_type
-            icmp_code icmp_id]
+            delta_bytes_reply flow_id finished [duration_ms] [tcp_state]
+            [icmp_type icmp_code icmp_id]
 
 Point identity: InfluxDB keeps one point per (measurement, tag set,
 timestamp); a second write with the same three overwrites the first.  The

@@ -29,7 +29,7 @@ SCHEMA_TAGS = frozenset({"family", "protocol", "src", "dst", "sport", "dport", "
                          "direction", "zone", "netns", "mark", "flow_id"})
 SCHEMA_FIELDS = frozenset({"packets_orig", "bytes_orig", "packets_reply", "bytes_reply",
                            "delta_packets_orig", "delta_bytes_orig", "delta_packets_reply",
-                           "delta_bytes_reply", "flow_id", "finished", "tcp_state",
+                           "delta_bytes_reply", "flow_id", "finished", "duration_ms", "tcp_state",
                            "icmp_type", "icmp_code", "icmp_id"})
 
 # Line-protocol escaping (the same rules as influxdb-client's Point).
@@ -171,8 +171,16 @@ class LineFormatter:
         (memoised per flow, with the flow id field); the line is
         f"{series} {fields} {timestamp}\\n" (PointLog picks the timestamp)."""
         _, series, flow_id = self._flow_text(e)
-        finished = "true" if e.kind == DESTROY else "false"
         tail = _protocol_fields(e)
+        if e.kind == DESTROY:
+            finished = "true"
+            start, stop = e.start_ns, e.stop_ns
+            # conntrack's own timestamps (0 where unknown: no timestamp
+            # extension, an end not seen); whole milliseconds, truncated.
+            if start and stop >= start:
+                tail = f",duration_ms={(stop - start) // 1_000_000}i{tail}"
+        else:
+            finished = "false"
         if e.flags & FLAG_NO_ACCT:   # no accounting: counters are absent, not zero
             return series, f"{flow_id}{finished}{tail}"
         return series, (f"packets_orig={e.packets_orig}i,bytes_orig={e.bytes_orig}i,"

@@ -53,6 +53,8 @@ class ReferenceFormatter(LineFormatter):
                 "packets_orig", "bytes_orig", "packets_reply", "bytes_reply", "delta_packets_orig",
                 "delta_bytes_orig", "delta_packets_reply", "delta_bytes_reply")]
         pairs += [("flow_id", f"{e.flow_id}i"), ("finished", str(e.kind == DESTROY).lower())]
+        if e.kind == DESTROY and e.start_ns and e.stop_ns and e.stop_ns >= e.start_ns:
+            pairs.append(("duration_ms", f"{(e.stop_ns - e.start_ns) // 1_000_000}i"))   # whole ms, truncated
         if e.proto_name == "tcp":
             pairs.append(("tcp_state", f'"{e.tcp_state_name}"'))
         elif e.icmp is not None and e.proto_name in ("icmp", "icmpv6"):

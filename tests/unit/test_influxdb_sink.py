@@ -58,6 +58,20 @@ def test_destroy_is_marked_finished():
         f"{FIELDS},finished=true,tcp_state=\"established\" {T0}\n")
 
 
+def test_finished_flow_with_conntrack_timestamps_has_its_duration_in_ms():
+    """duration_ms = stop - start, whole milliseconds (truncated), on the
+    DESTROY point only, and only when both timestamps are known."""
+    ended = flow(DESTROY, start_ns=T0 - 2_345_999_999, stop_ns=T0)
+    assert line(ended) == (
+        "ct_acct,dport=80,dst=198.51.100.2,family=ipv4,netns=4026531840,protocol=tcp,src=192.0.2.2 "
+        f"{FIELDS},finished=true,duration_ms=2345i,tcp_state=\"established\" {T0}\n")
+    no_acct = flow(DESTROY, netns=0, flags=FLAG_NO_ACCT, start_ns=T0 - 999_999, stop_ns=T0)
+    assert "flow_id=1311862289879068560i,finished=true,duration_ms=0i,tcp_state=" in line(no_acct)
+    for no_duration in (flow(UPDATE, stop_ns=T0), flow(DESTROY, start_ns=0, stop_ns=T0),
+                        flow(DESTROY, stop_ns=0), flow(DESTROY, start_ns=T0 + 1, stop_ns=T0)):
+        assert "duration_ms" not in line(no_duration)
+
+
 def test_ipv6_with_nat_tags_the_reply_addresses():
     event = flow(UPDATE, orig=("2001:db8::1", "2001:db8:1::2", 40000, 443),
                  reply=("2001:db8:1::2", "2001:db8::ff", 443, 40000), netns=0, tcp_state=7)
@@ -449,7 +463,10 @@ def test_tuned_formatter_gives_the_reference_lines():
                      family=rng.choice([4, 6, 7]), proto=rng.choice([6, 17, 1, 58, 132, 47, 250]),
                      zone=rng.choice([0, 3]), mark=rng.choice([0, 0x1f]), netns=rng.choice([0, 4026531840]),
                      tcp_state=rng.randrange(12), flags=rng.choice([0, FLAG_NO_ACCT, 1]),
-                     icmp=rng.choice([None, (8, 0, rng.randrange(65536))]), labels=dict(labels))
+                     icmp=rng.choice([None, (8, 0, rng.randrange(65536))]), labels=dict(labels),
+                     # start/stop unknown (0), known, or a stop before the start (clock stepped back)
+                     start_ns=rng.choice([0, T0 - rng.randrange(10**13)]),
+                     stop_ns=rng.choice([0, T0, T0 - 10**13]))
             assert tuned.point(e)[0] == reference.series(e)
             assert tuned.point(e)[1] == reference.fields(e)
             assert line_of(tuned, e) == reference.line(e)

@@ -28,6 +28,7 @@ from grafana_foundation_sdk.models.common import (
     LegendPlacement,
     StackingMode,
     TableBarGaugeCellOptions,
+    VizOrientation,
 )
 from grafana_foundation_sdk.models.dashboard import DataSourceRef, VariableRefresh, VariableSort
 from grafana_foundation_sdk.models.prometheus import PromQueryFormat
@@ -130,8 +131,12 @@ def stat_panel(title: str, description: str, unit: str, targets: list, ds: DataS
 
 
 def bar_gauge(title: str, description: str, unit: str, targets: list, ds: DataSourceRef, w: int = 12, h: int = 8):
+    """Horizontal bars, one per field or series, each its last value; one colour per bar
+    (the default thresholds would paint counts above 80 red)."""
     p = (bargauge.Panel().title(title).description(description).datasource(ds).unit(unit)
-         .display_mode(BarGaugeDisplayMode.GRADIENT))
+         .display_mode(BarGaugeDisplayMode.GRADIENT).orientation(VizOrientation.HORIZONTAL)
+         .reduce_options(common.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
+         .color_scheme(dashboard.FieldColor().mode(dashboard_model.FieldColorModeId.PALETTE_CLASSIC)))
     for t in targets:
         p = p.with_target(t)
     return _sized(p, w, h)
@@ -171,6 +176,36 @@ TCP_BUCKETS = {
     "closing": "fin_wait|close_wait|last_ack|time_wait",
     "closed": "close",
 }
+
+
+# Buckets of the finished-flows-by-duration panels, [from, to) in milliseconds
+# (the duration_ms field: stop - start, whole ms): decades, since flow
+# durations spread from microseconds to days.
+DURATION_BUCKETS = [("< 10 ms", 0, 10), ("10-100 ms", 10, 100), ("0.1-1 s", 100, 1000), ("1-10 s", 1000, 10_000),
+                    ("10 s-1 min", 10_000, 60_000), ("1-10 min", 60_000, 600_000), ("10 min-1 h", 600_000, 3_600_000),
+                    (">= 1 h", 3_600_000, None)]
+
+
+def influx_under(ms: int) -> str:
+    """1 for a point whose duration is under `ms`, 0 above, null without one:
+    InfluxQL has no comparison in expressions (floor(d / ms) is 0 only under it)."""
+    return f'floor(1 / (1 + floor("duration_ms" / {ms})))'
+
+
+def influx_duration_buckets() -> str:
+    """Finished flows per duration bucket, one column each, counted by InfluxDB."""
+    columns, sums = [], []
+    for i, (name, low, high) in enumerate(DURATION_BUCKETS):
+        if not low:
+            expr = influx_under(high)
+        elif high is None:
+            expr = f"1 - {influx_under(low)}"
+        else:
+            expr = f"{influx_under(high)} - {influx_under(low)}"
+        columns.append(f'{expr} AS "b{i}"')
+        sums.append(f'sum("b{i}") AS "{name}"')
+    return iq(f'SELECT {", ".join(sums)} FROM (SELECT {", ".join(columns)} FROM {{M}} WHERE {{F}} '
+              'AND "finished" = true AND $timeFilter)')
 
 
 def iq(query: str) -> str:
@@ -247,6 +282,11 @@ def influx_dashboard():
             "ended in the range.", "decbytes",
             [InfluxQL(iq('SELECT "bytes_orig" + "bytes_reply" AS "bytes" FROM {M} WHERE {F} AND "finished" = true '
                          'AND $timeFilter LIMIT 10000')).datasource(ds)], ds),
+        bar_gauge(
+            "Finished flows by duration", "Flows that ended in the range, by how long they lived (conntrack's "
+            "start and stop timestamps: the duration_ms field of finished points). Flows without timestamps "
+            "(nf_conntrack_timestamp off when they began) are not counted.", "short",
+            [InfluxQL(influx_duration_buckets()).table().datasource(ds)], ds),
         table_panel(
             "NAT translations", "Flows whose reply tuple is not the mirror of the original: reply_dst is the "
             "translated source (SNAT, masquerade), reply_src the real server (DNAT, port forwards).", "decbytes",
@@ -366,6 +406,16 @@ def vm_sum(by: str, window: str, extra: str = "") -> str:
             f"sum by ({by}) (sum_over_time({MEASUREMENT}_delta_bytes_reply{{{sel}}}[{window}]))")
 
 
+def vm_duration_bucket(low: int, high: int | None) -> str:
+    """Finished flows with a duration in [low, high) ms: MetricsQL's count_le_over_time
+    of the duration_ms points (whole milliseconds: under `high` is at most high - 1)."""
+    def at_most(ms: int) -> str:
+        return f"sum(count_le_over_time({MEASUREMENT}_duration_ms{{{V}}}[$__range], {ms}))"
+    if high is None:
+        return f"sum(count_over_time({MEASUREMENT}_duration_ms{{{V}}}[$__range])) - {at_most(low - 1)}"
+    return at_most(high - 1) if not low else f"{at_most(high - 1)} - {at_most(low - 1)}"
+
+
 def victoria_dashboard():
     ds = VICTORIA
     m = MEASUREMENT
@@ -400,6 +450,11 @@ def victoria_dashboard():
                     "their last point).", "ops",
                     [promql(f"sum by (protocol) (sum_over_time({m}_finished{{{V}}}[$__interval])){per_s}",
                             "{{protocol}}", ds=ds)], ds, stacked=True, interval="10s"),
+        bar_gauge("Finished flows by duration", "Flows that ended in the range, by how long they lived "
+                  "(conntrack's start and stop timestamps: ct_acct_duration_ms). Flows without timestamps are "
+                  "not counted.", "short",
+                  [promql(vm_duration_bucket(low, high), name, chr(65 + i), instant=True, ds=ds)
+                   for i, (name, low, high) in enumerate(DURATION_BUCKETS)], ds),
         table_panel("NAT translations", "Flows whose reply tuple is not the mirror of the original: reply_dst "
                     "is the translated source (SNAT), reply_src the real server (DNAT).", "decbytes",
                     [promql(vm_sum("src, reply_dst, dst, reply_src, dport, protocol", "$__range",

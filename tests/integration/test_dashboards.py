@@ -11,7 +11,10 @@ after Grafana's interpolation (tests/integration/grafana_macros.py), once
 with every variable on All and once with each variable on a selection:
 each must return data, and the traffic panels must give the byte totals that
 the kernel itself reported for the test flows (conntrack -E DESTROY events
-with their counters).
+with their counters).  The duration panels count each finished flow in the
+bucket of its duration_ms (stop - start of the agent's own JSON records),
+whose timestamps must be the kernel's: the seconds conntrack -E prints, the
+start within DURATION_TOLERANCE_S before the NEW event arrived.
 """
 
 from __future__ import annotations
@@ -43,6 +46,12 @@ SITE = "lab"        # a label of the agent's other than host: the dashboard's La
 SCRAPE_MS = 1000    # the test Prometheus scrapes every second
 FLOWS = 9           # the flows make_traffic() makes
 BPF_STATS = Path("/proc/sys/kernel/bpf_stats_enabled")
+# The duration panels' buckets, [from, to) ms, in their order (a test's own statement of them)
+DURATION_BUCKETS = [("< 10 ms", 0, 10), ("10-100 ms", 10, 100), ("0.1-1 s", 100, 1000), ("1-10 s", 1000, 10_000),
+                    ("10 s-1 min", 10_000, 60_000), ("1-10 min", 60_000, 600_000),
+                    ("10 min-1 h", 600_000, 3_600_000), (">= 1 h", 3_600_000, math.inf)]
+# conntrack -E stamps an event when it reads it, a little after the kernel sent it
+DURATION_TOLERANCE_S = 0.25
 
 
 class PromptVictoriaMetrics(VictoriaMetrics):
@@ -52,6 +61,14 @@ class PromptVictoriaMetrics(VictoriaMetrics):
 
     def command(self) -> list[str]:
         return [*super().command(), "-search.latencyOffset=0s", "-search.disableCache"]
+
+
+class TimedEventCapture(EventCapture):
+    """conntrack -E with each event's time of arrival too (-o timestamp, in
+    microseconds): a flow's NEW and DESTROY events are sent as the kernel
+    stamps its start and stop, so their times measure its duration apart
+    from the agent."""
+    OUTPUT = EventCapture.OUTPUT + ",timestamp"
 
 
 def load(name: str) -> dict:
@@ -122,6 +139,7 @@ class Lab:
     def __init__(self, topo, agent, influxd, db, vm, prom, kernel_flows, start_ms):
         self.topo, self.agent, self.influxd, self.db, self.vm, self.prom = topo, agent, influxd, db, vm, prom
         self.kernel_flows = kernel_flows
+        self.kernel_new: list[dict] = []
         self.kernel_bytes = sum(f["orig"]["bytes"] + f["reply"]["bytes"] for f in kernel_flows)
         self.start_ms = start_ms
 
@@ -174,13 +192,14 @@ def lab(influxd, prometheus_server, bpf_stats):
             try:
                 prometheus_server.scrape(f"127.0.0.1:{prom_port}")
                 start_ms = int(time.time() * 1000)
-                with topo.conntrack_events() as cap:
+                with TimedEventCapture(topo, "router", ("NEW", "DESTROY")).start() as cap:
                     make_traffic(topo)
-                    cap.wait_for(count=FLOWS, timeout=30)
+                    cap.wait_for(lambda f: f["event"] == "DESTROY", count=FLOWS, timeout=30)
                     topo.wait_conntrack_empty()
-                kernel_flows = cap.events
+                kernel_flows = [f for f in cap.events if f["event"] == "DESTROY"]
                 assert len(kernel_flows) == FLOWS, [f["line"] for f in kernel_flows]
                 lab = Lab(topo, agent, influxd, db, vm, prometheus_server, kernel_flows, start_ms)
+                lab.kernel_new = [f for f in cap.events if f["event"] == "NEW"]
                 lab.prom_target = f"127.0.0.1:{prom_port}"
                 wait_until_stored(lab)
                 yield lab
@@ -332,6 +351,42 @@ def only(results: dict, title: str) -> tuple[dict, list[dict], int, str]:
     return entry
 
 
+def kernel_key(flow: dict) -> tuple:
+    """A conntrack -E flow's original tuple, as record_key() makes it."""
+    o = flow["orig"]
+    return flow["proto"], o["src"], o["dst"], o.get("sport"), o.get("dport"), o.get("id")
+
+
+def record_key(record: dict) -> tuple:
+    o, ports = record["orig"], record["protocol"] in ("tcp", "udp")
+    return (record["protocol"], o["src"], o["dst"], o["sport"] if ports else None, o["dport"] if ports else None,
+            record["icmp"]["id"] if "icmp" in record else None)
+
+
+def finished_durations_ms(lab: Lab) -> list[int]:
+    """stop - start in whole ms of every flow the agent saw end (the sentinels
+    too), after checking the test flows' against the kernel's timestamps:
+    start and stop in the seconds conntrack -E prints, the start just before
+    the NEW event arrived, the stop not after the DESTROY event (the kernel
+    dates an expired flow's stop back to its expiry: the event comes when the
+    entry is reaped)."""
+    destroys = [r for r in lab.agent.records() if r["kind"] == "destroy"]
+    by_key = {record_key(r): r for r in destroys if not is_sentinel(r)}
+    new_at = {f["id"]: f["event_time"] for f in lab.kernel_new}
+    for f in lab.kernel_flows:
+        r = by_key[kernel_key(f)]
+        start, stop = r["start_ns"], r["stop_ns"]
+        assert start and stop, r   # the agent turns nf_conntrack_timestamp on
+        assert (start // 10**9, stop // 10**9) == (int(f["start"]), int(f["stop"])), (f["line"], r)
+        assert 0 <= new_at[f["id"]] - start / 1e9 <= DURATION_TOLERANCE_S, (new_at[f["id"]], f["line"], r)
+        assert stop / 1e9 <= f["event_time"] + 1e-6, (f["line"], r)   # event times are in microseconds
+    return [(r["stop_ns"] - r["start_ns"]) // 10**6 for r in destroys if r["start_ns"] and r["stop_ns"]]
+
+
+def duration_buckets(durations_ms: list[int]) -> dict[str, int]:
+    return {name: sum(low <= d < high for d in durations_ms) for name, low, high in DURATION_BUCKETS}
+
+
 # -- InfluxDB -----------------------------------------------------------------
 
 INFLUX_SELECTIONS = [
@@ -373,6 +428,11 @@ def test_influxdb_dashboard(lab, selections):
     assert by_bucket["open"] >= 1 and by_bucket["closed"] >= 1
     sizes = sorted(x for x in numbers(only(results, "Finished flows by size")[1]) if x)   # sentinels: 0
     assert sizes == sorted(f["orig"]["bytes"] + f["reply"]["bytes"] for f in lab.kernel_flows)
+    [frame] = only(results, "Finished flows by duration")[1]
+    [row] = frame["values"]
+    durations = finished_durations_ms(lab)
+    assert len(durations) == lab.flows
+    assert dict(zip(frame["columns"][1:], row[1:], strict=True)) == duration_buckets(durations)
     # NAT: the masqueraded flows (every TCP/UDP/ICMP flow to the server side) with the router's address
     replied_to = {f["tags"]["reply_dst"] for f in only(results, "NAT translations")[1]}
     assert replied_to == {lab.topo.addr("router_server", 4), lab.topo.addr("router_server", 6)}
@@ -387,7 +447,10 @@ def test_victoriametrics_dashboard(lab, selections):
     results = run_dashboard(lab, "conntracct-victoriametrics.json", "prometheus", lab.vm.url, selections,
                             scrape_ms=1000)
     assert HOST in results["__options__"]["host"]
-    assert_all_show_data(results)
+    by_duration = duration_buckets(finished_durations_ms(lab))
+    assert_all_show_data(results, {f"Finished flows by duration [{name}]" for name, n in by_duration.items() if not n})
+    assert {t["legendFormat"]: numbers(f) for t, f, _, _ in results["Finished flows by duration"]} == \
+        {name: [n] for name, n in by_duration.items()}
     total = lab.kernel_bytes
     frames = [f for _, fs, _, _ in results["Bandwidth by direction"] for f in fs]
     interval = results["Bandwidth by direction"][0][2]

@@ -225,6 +225,7 @@ class EventCapture:
 
     SENTINEL_SRC = "203.0.113.254"
     SENTINEL_DST = "203.0.113.253"
+    OUTPUT = "extended,id,ktimestamp"   # -o; a subclass may add "timestamp" (event_time)
 
     def __init__(self, topo: Any, ns: str = "router",
                  kinds: Iterable[str] = ("DESTROY",),
@@ -252,7 +253,7 @@ class EventCapture:
             env["CTA_NETLINK_RCVBUF"] = str(self.buffer_size)
         self.shimmed = shim is not None
         self._proc = self.topo.popen(
-            self.ns, "conntrack", "-E", "-e", mask, "-o", "extended,id,ktimestamp",
+            self.ns, "conntrack", "-E", "-e", mask, "-o", self.OUTPUT,
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, bufsize=1, env=env,
         )
         self._thread = threading.Thread(target=self._read, daemon=True)

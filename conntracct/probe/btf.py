@@ -229,6 +229,12 @@ def kernel_btf(module: str | None = "nf_conntrack") -> BTF:
     return _load_kernel_btf(module)
 
 
+def forget_kernel_btf() -> None:
+    """Drop the parsed BTF (~24 MB of Python objects for vmlinux's), once
+    start-up no longer needs it; a later kernel_btf() parses it again."""
+    _load_kernel_btf.cache_clear()
+
+
 @functools.lru_cache(maxsize=4)
 def _load_kernel_btf(module: str | None) -> BTF:
     base = BTF.load("/sys/kernel/btf/vmlinux")

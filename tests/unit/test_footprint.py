@@ -3,6 +3,8 @@
 import mmap
 import os
 
+import pytest
+
 from conntracct.probe.footprint import Mapping, compiler_mappings, drop_pages, mappings, release_compiler_memory
 
 
@@ -90,3 +92,16 @@ def test_a_mapping_knows_whether_it_is_clean():
     assert Mapping(0, 4096, "r-xp", "/x", 0).clean
     assert not Mapping(0, 4096, "r-xp", "/x", 4).clean
     assert not Mapping(0, 4096, "rw-p", "/x", 0).clean
+
+
+def test_the_parsed_kernel_btf_is_dropped():
+    """Start-up parses the kernel's BTF once (~24 MB of objects); the release drops it."""
+    from conntracct.probe import btf
+    if not os.path.exists("/sys/kernel/btf/vmlinux"):
+        pytest.skip("no kernel BTF here")
+    first = btf.kernel_btf()
+    assert btf.kernel_btf() is first                      # parsed once
+    assert btf._load_kernel_btf.cache_info().currsize == 1
+    release_compiler_memory()
+    assert btf._load_kernel_btf.cache_info().currsize == 0
+    assert btf.kernel_btf() is not first                  # parsed again when asked

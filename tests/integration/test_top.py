@@ -7,19 +7,21 @@ the first flow, with a rate within 20% of what its generator sent; sorting
 and filtering keys must act; q, and Ctrl-C, must end top with status 0, its
 BPF programs and links gone and the namespace's lock released; beside a
 running agent top must refuse with status 2.  The captured screen is
-also what docs/top.svg is made from (CONNTRACCT_TOP_SCREENSHOT=path).
+also what docs/top.png is made from (CONNTRACCT_TOP_SCREENSHOT=path: .svg, or .png drawn by chromium).
 """
 
 from __future__ import annotations
 
 import ctypes
 import io
+import math
 import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -148,7 +150,7 @@ def bpf_object_exists(cmd: int, object_id: int) -> bool:
     return False
 
 
-def write_svg(ansi: str, path: Path) -> None:
+def svg_of(ansi: str) -> str:
     """The captured pane (with its colours) drawn as an SVG terminal window, by rich."""
     console = Console(record=True, width=80, height=24, force_terminal=True, color_system="truecolor",
                       file=io.StringIO())
@@ -157,8 +159,29 @@ def write_svg(ansi: str, path: Path) -> None:
         console.print(Text.from_ansi(line), soft_wrap=True)
     svg = console.export_svg(title="conntracct top (tmux, 80x24)")
     # Fira Code is fetched from the web, which an <img> does not do: name local monospace fonts too
-    path.write_text(svg.replace("font-family: Fira Code, monospace",
-                                "font-family: Fira Code, DejaVu Sans Mono, Menlo, Consolas, monospace"))
+    return svg.replace("font-family: Fira Code, monospace",
+                       "font-family: Fira Code, DejaVu Sans Mono, Menlo, Consolas, monospace")
+
+
+def write_screenshot(ansi: str, path: Path) -> None:
+    """The pane as an SVG, or as a PNG: that SVG drawn by headless chromium
+    (apt's `chromium`, needed only to make the README's picture again) at
+    twice its size, with the window's rounded corners transparent."""
+    svg = svg_of(ansi)
+    if path.suffix != ".png":
+        path.write_text(svg)
+        return
+    chromium = shutil.which("chromium")
+    assert chromium, "a .png screenshot needs chromium (apt-get install chromium)"
+    width, height = (math.ceil(float(x)) for x in re.search(r'viewBox="0 0 ([\d.]+) ([\d.]+)"', svg).groups())
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "top.svg"
+        source.write_text(svg)
+        subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                        f"--user-data-dir={tmp}/profile", f"--window-size={width},{height}",
+                        "--force-device-scale-factor=2", "--default-background-color=00000000",
+                        f"--screenshot={path.resolve()}", source.as_uri()],
+                       check=True, timeout=120, capture_output=True)
 
 
 def top_pid(tmux: Tmux, ns_inode: int, timeout: float = 60) -> int:
@@ -207,7 +230,7 @@ def test_top_in_tmux(tmp_path):
             assert "Remote hosts" in screen and dst in screen.split("Remote hosts")[1]
             screenshot = os.environ.get("CONNTRACCT_TOP_SCREENSHOT")
             if screenshot:
-                write_svg(tmux.screen(escapes=True), Path(screenshot))
+                write_screenshot(tmux.screen(escapes=True), Path(screenshot))
             # filter by port: only the slow stream is left
             tmux.keys("/")
             tmux.keys("-l", str(slow_port))

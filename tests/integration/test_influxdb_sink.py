@@ -127,7 +127,7 @@ def test_v1_points_read_back_exactly(influxd):
         # instead of overwriting it.
         {"time": now + 1, **tcp_tags, "packets_orig": 4, "bytes_orig": 240, "packets_reply": 3, "bytes_reply": 160,
          "delta_packets_orig": 1, "delta_bytes_orig": 60, "delta_packets_reply": 1, "delta_bytes_reply": 40,
-         "flow_id": 0x1234_ABCD_5678_EF90, "finished": True, "tcp_state": "time_wait"},
+         "flow_id": 0x1234_ABCD_5678_EF90, "finished": True, "duration_ms": 1000, "tcp_state": "time_wait"},
         {"time": now + 5, "family": "ipv6", "protocol": "udp", "src": "2001:db8::1", "dst": "2001:db8:1::53",
          "dport": "53", "reply_src": "2001:db8:1::53", "reply_dst": "2001:db8::ff", "direction": "forward",
          "site": "fra 1,rack=2", "zone": "7", "mark": "0x20",
@@ -137,14 +137,14 @@ def test_v1_points_read_back_exactly(influxd):
         {"time": now + 7, "family": "ipv4", "protocol": "icmp", "src": "192.0.2.9", "dst": "198.51.100.9",
          "direction": "outbound", "packets_orig": 2, "bytes_orig": 168, "packets_reply": 2, "bytes_reply": 168,
          "delta_packets_orig": 1, "delta_bytes_orig": 84, "delta_packets_reply": 1, "delta_bytes_reply": 84,
-         "flow_id": 42, "finished": True, "icmp_type": 8, "icmp_code": 0, "icmp_id": 4242},
+         "flow_id": 42, "finished": True, "duration_ms": 1000, "icmp_type": 8, "icmp_code": 0, "icmp_id": 4242},
     ]
     # Tags are tags, fields are fields, with the types the schema promises.
     keys = influxd.rows("SHOW FIELD KEYS FROM ct_acct", db)
     assert {row["fieldKey"]: row["fieldType"] for row in keys} == {
         **dict.fromkeys(["packets_orig", "bytes_orig", "packets_reply", "bytes_reply", "delta_packets_orig",
                          "delta_bytes_orig", "delta_packets_reply", "delta_bytes_reply", "flow_id",
-                         "icmp_type", "icmp_code", "icmp_id"], "integer"),
+                         "duration_ms", "icmp_type", "icmp_code", "icmp_id"], "integer"),
         "finished": "boolean", "tcp_state": "string"}
 
 
@@ -222,8 +222,9 @@ def test_api_v2_against_a_pre_18_server_is_a_clear_permanent_error(influxd):
 
 def samples_of(events) -> int:
     """Samples VictoriaMetrics makes of these points: one per field; a string
-    field (tcp_state) becomes a sample of value 0."""
-    return sum(10 + (e.proto == 6) + 3 * (e.icmp is not None) for e in events if e.kind != NEW)
+    field (tcp_state) becomes a sample of value 0.  The DESTROYs here all have
+    start and stop: duration_ms."""
+    return sum(10 + (e.proto == 6) + 3 * (e.icmp is not None) + (e.kind == DESTROY) for e in events if e.kind != NEW)
 
 
 def export(server, measurement: str, samples: int) -> dict[tuple, tuple[list, list]]:
@@ -276,9 +277,11 @@ def test_v2_points_read_back_exactly(victoria_metrics):
     assert values(icmp_labels, "finished") == [(now_ms, 1)]
     assert values(icmp_labels, "icmp_type") == [(now_ms, 8)]
     assert values(icmp_labels, "icmp_id") == [(now_ms, 4242)]
+    assert values(tcp_labels, "duration_ms") == [(now_ms, 1000)]   # the DESTROY's only
+    assert values(icmp_labels, "duration_ms") == [(now_ms, 1000)]
     assert {name for name, _ in got} >= {f"{m}_{f}" for f in (
         "packets_orig", "bytes_orig", "packets_reply", "bytes_reply", "delta_packets_orig", "delta_bytes_orig",
-        "delta_packets_reply", "delta_bytes_reply", "flow_id", "finished")}
+        "delta_packets_reply", "delta_bytes_reply", "flow_id", "finished", "duration_ms")}
 
 
 def test_v2_through_the_pipeline_with_flow_id_tags(victoria_metrics):
@@ -391,7 +394,8 @@ def documented(language: str) -> list[str]:
 
 
 def traffic(now: int) -> list[FlowEvent]:
-    """Three hosts with known deltas; finished flows: 2 TCP, 1 UDP, 1 ICMP."""
+    """Three hosts with known deltas; finished flows: 2 TCP, 1 UDP, 1 ICMP,
+    lasting 1 s but one TCP flow of 90 s and the ICMP one of 0.5 s."""
     events = []
     for n, (src, sent, received) in enumerate([("10.0.0.1", 6000, 60000), ("10.0.0.2", 600, 1200),
                                                ("10.0.0.3", 120000, 600)]):
@@ -399,10 +403,10 @@ def traffic(now: int) -> list[FlowEvent]:
             events.append(tcp(UPDATE, 100 + n, now + n * 10 + half, src=src, sport=1000 + n,
                               deltas=(1, sent // 2, 1, received // 2)))
     events.append(tcp(DESTROY, 100, now + 100, src="10.0.0.1", deltas=(0, 0, 0, 0)))
-    events.append(tcp(DESTROY, 101, now + 101, src="10.0.0.2", deltas=(0, 0, 0, 0)))
+    events.append(tcp(DESTROY, 101, now + 101, src="10.0.0.2", deltas=(0, 0, 0, 0), start_ns=now + 101 - 90 * 10**9))
     events.append(tcp(DESTROY, 102, now + 102, src="10.0.0.3", deltas=(0, 0, 0, 0), proto=17, tcp_state=0))
     events.append(tcp(DESTROY, 103, now + 103, src="10.0.0.3", deltas=(0, 0, 0, 0), proto=1, tcp_state=0,
-                      orig=FlowTuple("10.0.0.3", "198.51.100.2", 0, 0), icmp=(8, 0, 1)))
+                      orig=FlowTuple("10.0.0.3", "198.51.100.2", 0, 0), icmp=(8, 0, 1), start_ns=now + 103 - 5 * 10**8))
     return events
 
 
@@ -411,7 +415,7 @@ def test_documented_influxql_queries(influxd):
     influxd.create_database(db)
     now_s = time.time_ns() // 10**9 // 60 * 60 - 600   # the start of a minute, 10 minutes ago
     influx_sink(influxd, db).write(traffic(now_s * 10**9))
-    bandwidth, top, finished = documented("sql")
+    bandwidth, top, finished, long_lived = documented("sql")
 
     per_src: dict[str, list[float]] = {}
     for row in influxd.rows(bandwidth, db):
@@ -423,6 +427,8 @@ def test_documented_influxql_queries(influxd):
     assert [(row["src"], row["top"]) for row in influxd.rows(top, db)] == [
         ("10.0.0.3", 120600), ("10.0.0.1", 66000), ("10.0.0.2", 1800)]
     assert {row["protocol"]: row["flows"] for row in influxd.rows(finished, db)} == {"tcp": 2, "udp": 1, "icmp": 1}
+    assert [(row["src"], row["dport"], row["duration_ms"]) for row in influxd.rows(long_lived, db)] == [
+        ("10.0.0.2", "443", 90000)]
 
 
 def test_documented_metricsql_queries(victoria_metrics):
@@ -438,7 +444,7 @@ def test_documented_metricsql_queries(victoria_metrics):
                             >= samples_of(events))
     queries = [line for block in documented("promql") for line in block.splitlines()
                if line.strip() and not line.startswith("#")]
-    assert len(queries) == 3
+    assert len(queries) == 4
 
     def query(q: str, at_ms: int) -> dict[str, float]:
         status, body = http("GET", f"{victoria_metrics.url}/api/v1/query?" + urllib.parse.urlencode(
@@ -451,3 +457,4 @@ def test_documented_metricsql_queries(victoria_metrics):
     assert query(queries[0], at) == {"10.0.0.1": 66000 / 60, "10.0.0.2": 1800 / 60, "10.0.0.3": 120600 / 60}
     assert query(queries[1], at) == {"10.0.0.1": 66000, "10.0.0.2": 1800, "10.0.0.3": 120600}
     assert query(queries[2], at) == {"tcp": 2, "udp": 1, "icmp": 1}
+    assert query(queries[3], at) == {"": 3}   # 1 s or longer: not the 0.5 s ICMP flow

@@ -84,10 +84,15 @@ def rate_curve_macro(curve: list[tuple[int, int]], final_ns: int) -> str:
 
 
 def destroy_func() -> str:
-    """The conntrack destructor this kernel has (named by /proc/kallsyms)."""
-    from bcc import BPF
+    """The conntrack destructor this kernel has (named by /proc/kallsyms).
+    Read here rather than with BPF.ksymname(): /proc/kallsyms lists names to
+    every user, but BCC only reads it as uid 0, so an agent running with
+    capabilities instead of root would find no destructor."""
+    wanted = set(DESTROY_FUNCS)
+    with open("/proc/kallsyms") as kallsyms:
+        found = {name for name in (line.split(maxsplit=3)[2] for line in kallsyms) if name in wanted}
     for name in DESTROY_FUNCS:
-        if BPF.ksymname(name.encode()) != -1:
+        if name in found:
             return name
     raise ProbeError(f"none of the conntrack destructors {DESTROY_FUNCS} is in /proc/kallsyms")
 

@@ -41,7 +41,7 @@ from .selfmetrics import (
 )
 from .sinks import Sink, SinkConfig, create_sink
 from .sinks.base import ACCEPTED, SinkError, TransientSinkError, WriteResult
-from .spool import Spool, SpoolError, is_disk_full
+from .spool import DiskFull, Spool, SpoolError
 
 log = logging.getLogger(__name__)
 
@@ -474,12 +474,13 @@ class SpoolingWorker(SinkWorker):
             if dropped:
                 self._spool_errors.report("spool full", "max_size",
                                           f"{len(dropped)} records dropped (NEW/UPDATE first)")
+        except DiskFull as exc:
+            dropped, reason = events, DISK_FULL
+            self._spool_errors.report("spool write failed", "ENOSPC", f"{exc}: {len(events)} records dropped")
         except sqlite3.Error as exc:
-            dropped = events
-            reason = DISK_FULL if is_disk_full(exc) else SPOOL_ERROR
-            what = "no space left on the spool's file system (ENOSPC)" if reason == DISK_FULL else str(exc)
+            dropped, reason = events, SPOOL_ERROR
             self._spool_errors.report("spool write failed", type(exc).__name__,
-                                      f"{self.spool.path}: {what}: {len(events)} records dropped")
+                                      f"{self.spool.path}: {exc}: {len(events)} records dropped")
         except SpoolError:   # closed under us at shutdown
             dropped, reason = events, SHUTDOWN
         with self._lock:

@@ -11,7 +11,7 @@ transactions, never corrupt what came before.
 
 One file per sink, `<path>/spool.db`, one table of rows in delivery order:
 
-    q(id INTEGER PRIMARY KEY, kind INTEGER, ts INTEGER, body BLOB)
+    q(id INTEGER PRIMARY KEY AUTOINCREMENT, kind INTEGER, ts INTEGER, body BLOB)
 
 `id` is the order (records put back at shutdown take ids below the first
 one, so they come out first); `kind` lets a full spool drop NEW/UPDATE rows
@@ -49,12 +49,16 @@ FILE_NAME = "spool.db"
 FORMAT = 1                      # PRAGMA user_version of the file: its row format
 ROW_OVERHEAD = 24               # bytes a row costs beyond its body (id, kind, ts, b-tree cell)
 RECORD_BYTES = 256              # a typical spooled record (IPv4 ~190 B, IPv6 ~260 B, +labels)
-JOURNAL_LIMIT = 16 * 1024 * 1024   # the WAL is truncated to this after a checkpoint
+JOURNAL_LIMIT = 4 * 1024 * 1024   # the WAL is truncated to this after a checkpoint
+CHECKPOINT_PAGES = 256           # WAL pages (4 KiB) before SQLite copies them into the file: <= ~1 MiB
+RESERVE_NAME = "spool.reserve"
+RESERVE_BYTES = 2 * 1024 * 1024  # above the largest WAL: enough for a checkpoint on a full file system
 SALVAGE_SKIPS = 200             # unreadable spots a damaged file's scan steps over before it gives up
 
 _KIND_CODE = {kind: code for code, kind in enumerate(KINDS)}
 _DESTROY_CODE = _KIND_CODE[DESTROY]
 _KIND_CODES = frozenset(_KIND_CODE.values())
+_NO_ID = -(1 << 63)   # below every row id
 
 # Every FlowEvent field but memo (the sinks' per-flow scratch, not part of
 # the record), in declaration order: a field added to FlowEvent is spooled
@@ -65,6 +69,10 @@ _TUPLES = ("orig", "reply")
 
 class SpoolError(Exception):
     """The spool cannot be opened or used (the message names the file)."""
+
+
+class DiskFull(SpoolError):
+    """The spool's file system is full: nothing of the batch was stored."""
 
 
 def _values(event: FlowEvent) -> list:
@@ -137,10 +145,19 @@ class Spool:
         self.records = 0
         self.bytes = 0               # body bytes + ROW_OVERHEAD per row: what max_size bounds
         self._reading: tuple[int, int] | None = None   # (first, last) id handed to read(), not yet acked
+        # Rows up to this id are acknowledged; normally deleted too, but on a
+        # full file system a DELETE (it writes to the WAL) can fail: they are
+        # skipped and deleted later (or, after a restart, delivered again).
+        self._acked = _NO_ID
         self._decode = decode
         self.salvaged: tuple[int, Path] | None = None  # (rows kept, file moved aside) after a bad file
         self.undecodable: list[str] = []   # kinds of rows read but not decodable (the caller counts them)
         self._inflight_rows = self._inflight_bytes = 0
+        # A write failed on a full file system: new records are refused
+        # (DiskFull) until the spool has drained; the reserve file's space
+        # lets the acknowledgements' deletes and checkpoints go on meanwhile.
+        self.out_of_space = False
+        self.reserve = self.directory / RESERVE_NAME
 
     # -- opening -------------------------------------------------------------
 
@@ -163,6 +180,7 @@ class Spool:
             db = self._salvage(problem)
         self._db = db
         self._read_fields(db)
+        self._make_reserve()
         self.records, self.bytes = db.execute(
             f"SELECT count(*), coalesce(sum(length(body)), 0) + count(*) * {ROW_OVERHEAD} FROM q").fetchone()
 
@@ -176,8 +194,12 @@ class Spool:
                 raise sqlite3.OperationalError(f"journal_mode is {mode}, not wal")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute(f"PRAGMA journal_size_limit={JOURNAL_LIMIT}")
+            db.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_PAGES}")
             db.execute("BEGIN IMMEDIATE")   # takes the exclusive lock now: a second agent fails here
-            db.execute("CREATE TABLE IF NOT EXISTS q(id INTEGER PRIMARY KEY, kind INTEGER, ts INTEGER, body BLOB)")
+            # AUTOINCREMENT: ids never reused, so a row added after the spool
+            # emptied still sorts after what was acknowledged before.
+            db.execute("CREATE TABLE IF NOT EXISTS q(id INTEGER PRIMARY KEY AUTOINCREMENT, kind INTEGER, "
+                       "ts INTEGER, body BLOB)")
             db.execute("CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT)")
             db.execute("INSERT OR IGNORE INTO meta VALUES ('fields', ?)", (json.dumps(FIELDS),))
             db.execute("COMMIT")
@@ -282,6 +304,9 @@ class Spool:
             db = self._db
             if db is None:
                 raise SpoolError(f"spool {self.name} is closed")
+            if self.out_of_space and not front:
+                raise DiskFull(f"{self.path}: the file system was full; new records wait until the spool "
+                               "has drained")
             db.execute("BEGIN IMMEDIATE")
             try:
                 size = self.bytes + sum(len(row[2]) for row in rows) + ROW_OVERHEAD * len(rows)
@@ -291,6 +316,9 @@ class Spool:
                 else:
                     dropped, evict_ids = [], []
                 if front:
+                    # Nothing read is acknowledged after this (shutdown): a
+                    # late ack() must not delete the rows put in front.
+                    self._reading, self._acked = None, _NO_ID
                     first = db.execute("SELECT min(id) FROM q").fetchone()[0]
                     start = (first if first is not None else 1) - len(rows)
                     db.executemany("INSERT INTO q VALUES (?, ?, ?, ?)",
@@ -298,9 +326,12 @@ class Spool:
                 else:
                     db.executemany("INSERT INTO q(kind, ts, body) VALUES (?, ?, ?)", rows)
                 db.execute("COMMIT")
-            except BaseException:
+            except BaseException as exc:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error) and is_disk_full(exc):
+                    self._disk_full(db)
+                    raise DiskFull(f"{self.path}: no space left on the file system (ENOSPC)") from None
                 raise
             self.records += len(rows) - len(evict_ids)
             self.bytes = size
@@ -314,10 +345,9 @@ class Spool:
         delivered), then this batch's -- and is refused only when there is
         none.  Returns (rows to insert, events dropped, row ids to delete, the
         spool's bytes after)."""
-        after = self._reading[1] if self._reading else None
-        query = "SELECT id, body, kind FROM q WHERE kind != ?" + (" AND id > ?" if after is not None else "") \
-            + " ORDER BY id"
-        spooled = db.execute(query, (_DESTROY_CODE, after) if after is not None else (_DESTROY_CODE,))
+        after = self._reading[1] if self._reading else self._acked
+        spooled = db.execute("SELECT id, body, kind FROM q WHERE kind != ? AND id > ? ORDER BY id",
+                             (_DESTROY_CODE, after))
         keep: list = []                       # rows of this batch, None once evicted
         keep_others: list[int] = []           # indexes in keep of NEW/UPDATE rows, oldest first
         dropped: list[FlowEvent | None] = []
@@ -369,7 +399,8 @@ class Spool:
         with self._lock:
             if self._db is None:
                 return []
-            rows = self._db.execute("SELECT id, body, kind FROM q ORDER BY id LIMIT ?", (n,)).fetchall()
+            rows = self._db.execute("SELECT id, body, kind FROM q WHERE id > ? ORDER BY id LIMIT ?",
+                                    (self._acked, n)).fetchall()
             if not rows:
                 self._reading = None
                 return []
@@ -385,10 +416,52 @@ class Spool:
             if self._db is None or self._reading is None:
                 return
             first, last = self._reading
-            self._db.execute("DELETE FROM q WHERE id BETWEEN ? AND ?", (first, last))
+            self._acked, self._reading = last, None
             self.records -= self._inflight_rows
             self.bytes -= self._inflight_bytes
-            self._reading = None
+            try:
+                self._db.execute("DELETE FROM q WHERE id <= ?", (last,))
+            except sqlite3.Error as exc:   # e.g. SQLITE_FULL: deleted with a later acknowledgement
+                if is_disk_full(exc):
+                    self._disk_full(self._db)
+                return
+            if self.out_of_space and self._checkpoint(self._db) and not self.records:
+                self.out_of_space = False   # drained, the WAL emptied: room again
+                self._make_reserve()
+                log.info("spool %s: drained after the file system was full; spooling again", self.name)
+
+    def _disk_full(self, db: sqlite3.Connection) -> None:
+        """ENOSPC: give the reserve's space back to SQLite and checkpoint, so
+        that acknowledgements can still delete rows (a delete writes to the
+        WAL, and the WAL only starts over after a checkpoint, which copies
+        it into the file: both need room)."""
+        self.out_of_space = True
+        try:
+            self.reserve.unlink()
+        except OSError:
+            pass
+        self._checkpoint(db)
+
+    @staticmethod
+    def _checkpoint(db: sqlite3.Connection) -> bool:
+        """Copy the WAL into the file and truncate it; True if done."""
+        try:
+            busy, _, _ = db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            return not busy
+        except sqlite3.Error:
+            return False
+
+    def _make_reserve(self) -> None:
+        """RESERVE_BYTES set aside on the spool's file system for a full disk
+        (see _disk_full); without room for it, the spool goes without."""
+        try:
+            with open(self.reserve, "wb") as f:
+                os.posix_fallocate(f.fileno(), 0, RESERVE_BYTES)
+        except OSError:
+            try:
+                self.reserve.unlink()
+            except OSError:
+                pass
 
     def release(self) -> None:
         """Forget the last read() without deleting: its records stay for next time."""
@@ -402,7 +475,7 @@ class Spool:
         with self._lock:
             if self._db is None or not self.records:
                 return None
-            row = self._db.execute("SELECT ts FROM q ORDER BY id LIMIT 1").fetchone()
+            row = self._db.execute("SELECT ts FROM q WHERE id > ? ORDER BY id LIMIT 1", (self._acked,)).fetchone()
         return row[0] if row else None
 
     def file_bytes(self) -> int:

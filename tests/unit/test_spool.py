@@ -13,7 +13,18 @@ import pytest
 from sample_flows import T0, flow
 
 from conntracct.flow import DESTROY, FLAG_END_UNSEEN, FLAG_NO_ACCT, KINDS, NEW, UPDATE, FlowEvent, FlowTuple
-from conntracct.spool import FIELDS, FILE_NAME, ROW_OVERHEAD, Decoder, Spool, SpoolError, decode, encode
+from conntracct.spool import (
+    FIELDS,
+    FILE_NAME,
+    RESERVE_BYTES,
+    ROW_OVERHEAD,
+    Decoder,
+    DiskFull,
+    Spool,
+    SpoolError,
+    decode,
+    encode,
+)
 
 
 def random_event(rng: random.Random, kind: str | None = None) -> FlowEvent:
@@ -255,7 +266,15 @@ def test_disk_full_raises_sqlite_full(tmp_path, monkeypatch, spool):
             raise sqlite3.OperationalError("database or disk is full")
 
     spool._db = Full()
-    with pytest.raises(sqlite3.OperationalError):
+    with pytest.raises(DiskFull, match="ENOSPC"):
         spool.append([flow(UPDATE)])
     spool._db = real
     assert spool.records == 1 and not real.in_transaction
+    assert spool.out_of_space and not spool.reserve.exists()   # its space handed to SQLite
+    with pytest.raises(DiskFull, match="wait until the spool has drained"):
+        spool.append([flow(UPDATE)])
+    spool.read(10)
+    spool.ack()
+    assert not spool.out_of_space and spool.reserve.stat().st_size == RESERVE_BYTES
+    spool.append([flow(UPDATE)])
+    assert spool.records == 1

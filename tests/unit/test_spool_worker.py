@@ -17,6 +17,7 @@ from conntracct.flow import DESTROY, KINDS, NEW, UPDATE, FlowEvent
 from conntracct.pipeline import Pipeline, SpoolingWorker
 from conntracct.selfmetrics import DISK_FULL, PERMANENT_ERROR, Stats
 from conntracct.sinks.base import PermanentSinkError, Sink, SinkConfig, SinkError, TransientSinkError
+from conntracct.spool import DiskFull
 
 
 class FlakySink(Sink):
@@ -184,7 +185,7 @@ def test_a_full_disk_is_a_counted_drop_with_one_log_line(tmp_path, caplog):
     worker = spooling(sink, tmp_path, stats)
 
     def full(events):
-        raise sqlite3.OperationalError("database or disk is full")
+        raise DiskFull("/x/spool.db: no space left on the file system (ENOSPC)")
 
     worker.spool.append = full
     worker.start()

@@ -430,13 +430,15 @@ class SpoolingWorker(SinkWorker):
             self._writer.join(self.SPOOL_GRACE)
         lost = 0
         if held:
+            reason = SPOOL_FULL
             try:
                 dropped = self.spool.prepend(held)
                 self._stats.add_spooled(len(held) - len(dropped))
             except (sqlite3.Error, SpoolError) as exc:
                 self._spool_errors.error("could not spool the records held in memory", exc)
                 dropped = held
-            self._stats.add_dropped_events(SPOOL_FULL, dropped)
+                reason = DISK_FULL if isinstance(exc, DiskFull) else SPOOL_ERROR
+            self._stats.add_dropped_events(reason, dropped)
             lost += len(dropped)
         self.spool.release()
         self.spool.close()

@@ -31,7 +31,6 @@ def test_churn_5000_per_second_loses_nothing():
             result = topo.churn(duration=10, rate=RATE * 1.1)
             topo.wait_conntrack_empty(timeout=30)
         print(result.summary())
-        assert result.rate >= RATE, result.summary()
         assert not cap.lost_events
         # Source ports are reused within the run: a flow is its port and its
         # exact final counters, compared as multisets.
@@ -60,3 +59,7 @@ def test_churn_5000_per_second_loses_nothing():
         assert agent_destroys == kernel
         # Nothing left behind in the kernel-side flow state.
         assert stats["probe_state_inserts"] == stats.get("state_deletes", 0) + stats["probe_state_deletes"]
+        # The generator's own rate (the load), checked last: a host too
+        # slow for it still had every one of the agent's checks above.
+        assert result.rate >= RATE, (f"the traffic generator reached {result.rate:.0f}/s, under {RATE}/s "
+                                     f"(host too slow or loaded; the agent lost nothing): {result.summary()}")

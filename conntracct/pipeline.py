@@ -524,7 +524,7 @@ class SpoolingWorker(SinkWorker):
                         self._ready.wait(0.1)   # the spool writer is storing them
                         continue
                     self._spilling = False          # drained: back to memory
-                    log.info("sink %s: spool drained", self.name)
+                    log.debug("sink %s: spool drained", self.name)
                     if self._draining:
                         return None
                     continue
@@ -551,18 +551,19 @@ class SpoolingWorker(SinkWorker):
         stays there."""
         pending, delay = batch, self._retry.backoff
         self._lost = False
-        from_disk = self._from_disk
+        from_disk, refused = self._from_disk, 0
         while True:
             result, kind, text = self._write(pending)
             retry, rejected = result.retry, result.rejected
             written = len(pending) - len(retry) - len(rejected)
+            refused += len(rejected)
             if not retry:
                 if rejected:
                     self._errors.report("dropped", kind, text)
                 self._account(written, [(PERMANENT_ERROR, rejected)], done=True)
                 if from_disk:
                     self.spool.ack()
-                    self._stats.add_replayed(len(batch) - len(rejected))
+                    self._stats.add_replayed(len(batch) - refused)
                 return
             self._errors.report("will retry (spool on)", kind, text)
             self._account(written, [(PERMANENT_ERROR, rejected)], retrying=retry)

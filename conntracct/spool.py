@@ -401,8 +401,9 @@ class Spool:
                 return []
             rows = self._db.execute("SELECT id, body, kind FROM q WHERE id > ? ORDER BY id LIMIT ?",
                                     (self._acked, n)).fetchall()
-            if not rows:
+            if not rows:   # nothing left past what was acknowledged: the counts say so too
                 self._reading = None
+                self.records = self.bytes = 0
                 return []
             self._reading = (rows[0][0], rows[-1][0])
             self._inflight_bytes = sum(len(body) + ROW_OVERHEAD for _, body, _ in rows)

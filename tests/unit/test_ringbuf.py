@@ -13,7 +13,7 @@ import struct
 
 import pytest
 
-from conntracct.probe.ringbuf import BUSY_BIT, DISCARD_BIT, HEADER, PAGE, RingBuffer
+from conntracct.probe.ringbuf import BUSY_BIT, DISCARD_BIT, HEADER, PAGE, RELEASE_EVERY, RingBuffer
 
 SIZE = 4 * PAGE
 
@@ -122,3 +122,17 @@ def test_nothing_of_the_data_area_stays_mapped(ring):
 def test_sizes_that_are_no_ring_are_refused(ring):
     with pytest.raises(ValueError):
         RingBuffer(ring.fd, 3 * PAGE)
+
+
+def test_space_is_released_while_a_long_batch_is_handled(ring):
+    """The consumer position moves during one consume(), not only at its end
+    (as libbpf's reader does), so the probe can reuse the space of records
+    already handled while the rest of a burst is."""
+    reader = RingBuffer(ring.fd, ring.size)
+    for i in range(60):
+        ring.write(bytes([i]) * 200)
+    seen = []
+    reader.consume(lambda raw: seen.append(ring.consumer))
+    assert seen[0] == 0 and seen[RELEASE_EVERY] > 0 and seen[-1] > seen[RELEASE_EVERY]
+    assert ring.consumer == ring.producer
+    reader.close()

@@ -50,9 +50,12 @@ FORMAT = 1                      # PRAGMA user_version of the file: its row forma
 ROW_OVERHEAD = 24               # bytes a row costs beyond its body (id, kind, ts, b-tree cell)
 RECORD_BYTES = 256              # a typical spooled record (IPv4 ~190 B, IPv6 ~260 B, +labels)
 JOURNAL_LIMIT = 4 * 1024 * 1024   # the WAL is truncated to this after a checkpoint
-CHECKPOINT_PAGES = 256           # WAL pages (4 KiB) before SQLite copies them into the file: <= ~1 MiB
+# WAL pages (4 KiB) before SQLite copies them into the file (SQLite's default):
+# each checkpoint syncs the file, so fewer of them keep the writer ahead at
+# thousands of records/s on a busy disk; the WAL stays at ~4 MiB.
+CHECKPOINT_PAGES = 1000
 RESERVE_NAME = "spool.reserve"
-RESERVE_BYTES = 2 * 1024 * 1024  # above the largest WAL: enough for a checkpoint on a full file system
+RESERVE_BYTES = 8 * 1024 * 1024  # above the largest WAL: enough for a checkpoint on a full file system
 SALVAGE_SKIPS = 200             # unreadable spots a damaged file's scan steps over before it gives up
 
 _KIND_CODE = {kind: code for code, kind in enumerate(KINDS)}

@@ -1,4 +1,4 @@
-"""The disk spool's faults, for real: a spool on a tiny file system that fills
+"""The disk spool's faults, for real: a spool on a small file system that fills
 up, a truncated spool file (a power cut mid-write), a spool directory the
 agent cannot write, and the other configuration mistakes refused at start."""
 
@@ -78,7 +78,7 @@ def agent_config(topo: Topology, *sinks: dict) -> dict:
 
 def test_a_spool_on_a_tiny_file_system_fills_up_and_the_agent_goes_on(tmp_path):
     dead = f"http://127.0.0.1:{free_port()}"   # nothing listens: every batch is retried, then spooled
-    with Mount("size=3m") as fs:
+    with Mount("size=10m") as fs:   # 8 MiB of it the spool's reserve
         sink = {"type": "influxdb", "name": "influx", "url": dead, "api": "v1", "database": "x",
                 "queue_size": 300, "batch_size": 100, "timeout": "1s",
                 "retry": {"backoff": "200ms", "max_backoff": "1s"},
@@ -86,7 +86,7 @@ def test_a_spool_on_a_tiny_file_system_fills_up_and_the_agent_goes_on(tmp_path):
         with Topology(acct=True, timestamp=True) as topo:
             agent = RunningAgent(topo, ns=None, config=agent_config(topo, sink))
             try:
-                result = topo.churn(duration=12, rate=400)
+                result = topo.churn(duration=12, rate=600)
                 topo.wait_conntrack_empty(timeout=30)
                 wanted = 2 * result.completed
                 records = agent.wait_for_records(

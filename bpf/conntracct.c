@@ -371,6 +371,13 @@ static __always_inline u64 account_slow(void *ct, int destroy, u64 *hint_start, 
             return due;
     }
 
+    // A kind no sink wants (NEW, UPDATE): the flow's state moves on as if
+    // the record were written, so the DESTROY's deltas are what they would
+    // be; a flow without end events still gets its records (the agent
+    // sweeps for its end).
+    if ((setting(SET_QUIET_KINDS) >> kind) & 1 && !(flags & FLAG_NO_EVENTS))
+        return update_state(kind, st, &key, acct, now, age, due);
+
     struct flow_record *r = records.ringbuf_reserve(sizeof(struct flow_record));
     if (!r) {
         count(STAT_RECORDS_LOST);

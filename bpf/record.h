@@ -35,7 +35,8 @@
 #define SET_WALL_OFFSET 0    // wall clock minus bpf_ktime_get_ns(), ns
 #define SET_AGENT_START 1    // agent start, wall clock ns
 #define SET_STAMPED_SINCE_START 2  // 1 if every flow since the agent's start has a timestamp
-#define SET_COUNT 3
+#define SET_QUIET_KINDS 3    // bit 1 << KIND_x: no sink wants that kind, write no such record
+#define SET_COUNT 4
 
 struct ct_tuple {
     u8 src[16];     // address, IPv4 in the first 4 bytes

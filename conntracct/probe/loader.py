@@ -36,8 +36,9 @@ REFRESH_FUNC = "__nf_ct_refresh_acct"
 DESTROY_FUNCS = ("nf_ct_destroy", "destroy_conntrack")
 
 # Indexes of the probe's `settings` array (bpf/record.h).
-SET_WALL_OFFSET, SET_AGENT_START, SET_STAMPED_SINCE_START = (
-    DEFINES["SET_WALL_OFFSET"], DEFINES["SET_AGENT_START"], DEFINES["SET_STAMPED_SINCE_START"])
+SET_WALL_OFFSET, SET_AGENT_START, SET_STAMPED_SINCE_START, SET_QUIET_KINDS = (
+    DEFINES["SET_WALL_OFFSET"], DEFINES["SET_AGENT_START"], DEFINES["SET_STAMPED_SINCE_START"],
+    DEFINES["SET_QUIET_KINDS"])
 
 
 class ProbeError(Exception):
@@ -173,7 +174,8 @@ class Probe:
     to `on_record`; the per-flow state map, the counters and the programs
     are read through the methods below (nobody else touches BCC's tables)."""
 
-    def __init__(self, mode: str, settings: ProbeSettings, on_record, stamped_since_start: bool):
+    def __init__(self, mode: str, settings: ProbeSettings, on_record, stamped_since_start: bool,
+                 quiet_kinds: bytes = b""):
         if mode not in MODES:
             raise ProbeError(f"unknown probe mode '{mode}'")
         self.mode = mode
@@ -183,7 +185,7 @@ class Probe:
         destroy = destroy_func() if mode != "netfilter" else DESTROY_FUNCS[0]
         self._bpf = compile_probe(mode, settings, destroy)
         try:
-            self._configure(stamped_since_start)
+            self._configure(stamped_since_start, quiet_kinds)
             self._attach(destroy)
             self._records = self._bpf["records"]
             self.ring_fd = self._records.map_fd
@@ -202,8 +204,10 @@ class Probe:
         self._taker = bpfsys.MapEntryTaker(self._flows.map_fd, FLOW_KEY.size, FLOW_STATE.size)
 
     # -- set-up ---------------------------------------------------------------
-    def _configure(self, stamped_since_start: bool) -> None:
+    def _configure(self, stamped_since_start: bool, quiet_kinds: bytes) -> None:
+        """quiet_kinds: the kind codes (NEW, UPDATE) no sink wants, of which the probe writes no record."""
         settings = self._bpf["settings"]
+        settings[ctypes.c_int(SET_QUIET_KINDS)] = ctypes.c_uint64(sum(1 << k for k in set(quiet_kinds)))
         settings[ctypes.c_int(SET_WALL_OFFSET)] = ctypes.c_uint64(self.wall_offset_ns)
         settings[ctypes.c_int(SET_AGENT_START)] = ctypes.c_uint64(time.time_ns())
         settings[ctypes.c_int(SET_STAMPED_SINCE_START)] = ctypes.c_uint64(int(stamped_since_start))

@@ -35,9 +35,10 @@ _FLAGS_AT = RECORD_LAYOUT.offset("flags")
 
 def unwanted_kind_codes(kinds: frozenset[str] | None) -> bytes:
     """The record kind codes no sink wants (kinds: what the sinks want,
-    None: all): such records are counted and not decoded, unless the flow
-    ends unseen by ctnetlink (its records tell the sweep about it).  DESTROYs
-    are always read: one seen first at its end also makes the flow's NEW.
+    None: all): the probe writes none (its state moves on as if it had),
+    and any that come are counted and not decoded, unless the flow ends
+    unseen by ctnetlink (its records tell the sweep about it).  DESTROYs are
+    always read: one seen first at its end also makes the flow's NEW.
     With DESTROY-only sinks that skips the NEW of every flow, a seventh of
     the agent's CPU per finished flow (bench/p6_profile.py)."""
     return bytes(KIND_NUMBERS[k] for k in (NEW, UPDATE) if kinds is not None and k not in kinds)
@@ -64,7 +65,7 @@ class FlowSource:
             self._ends = (FlowEnds(netlink_rcvbuf, self.counts, self._deliver, netns_path)
                           if mode == "netfilter" else None)
             try:
-                self.probe = Probe(mode, settings, self._on_record, stamped_since_start)
+                self.probe = Probe(mode, settings, self._on_record, stamped_since_start, self._unwanted)
             except Exception:
                 if self._ends:
                     self._ends.close()

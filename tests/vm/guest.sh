@@ -56,8 +56,8 @@ if [ "$SUITE" = reduced ]; then
            tests/integration/test_agent_netns.py::test_flows_end_to_end_through_nat)
     BUDGET=900
 else
-    TESTS=(tests/integration/test_probe_modes.py tests/integration/test_flow_end_hook.py
-           tests/integration/test_agent_netns.py)
+    TESTS=(tests/integration/test_probe_modes.py tests/integration/test_mode_detection.py
+           tests/integration/test_flow_end_hook.py tests/integration/test_agent_netns.py)
     BUDGET=2400
 fi
 [ $# -gt 0 ] && TESTS=("$@")

@@ -116,6 +116,10 @@ def test_flows_end_to_end_through_nat(topo):
 
 def test_destroy_totals_equal_the_live_table_before_expiry(topo):
     """Counters read with `conntrack -L` while the flow is idle equal the DESTROY totals."""
+    # The flush ends the flow: the lab's 2 s UDP timeout could end it first
+    # while `conntrack -L` starts (seen in the vm-test guest on a loaded host).
+    topo.set_sysctls("router", {"net.netfilter.nf_conntrack_udp_timeout": 300,
+                                "net.netfilter.nf_conntrack_udp_timeout_stream": 300})
     agent = RunningAgent(topo)
     t = topo.udp_exchange(4, 300, reply_size=50)
     [live] = find_flows(topo.conntrack_list(), proto="udp", orig_sport=t.sport)

@@ -103,7 +103,7 @@ class Agent:
 
     def _start(self) -> None:
         cfg = self.config
-        lacking = privileges.problem(cfg.probe.netns)
+        lacking = privileges.problem(cfg.probe.netns, cfg.probe.mode)
         if lacking:
             raise EnvironmentProblem(lacking)
         try:
@@ -155,6 +155,8 @@ class Agent:
         requested = self.config.probe.mode
         mode, _checks, why = choose_mode(requested)
         if mode is None:
+            if requested == "auto" and privileges.missing(None, mode="kprobe"):
+                why += f"; without CAP_SYS_ADMIN kprobe mode cannot work: it needs it to {privileges.KPROBE_NEEDS}"
             raise EnvironmentProblem(
                 f"conntracct cannot attach its probe (probe.mode: {requested}): {why}. "
                 "Run `conntracct check` for the full table; as root on a fresh Debian host, "

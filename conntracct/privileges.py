@@ -50,8 +50,12 @@ def last_cap() -> int:
         return 40
 
 
-def required(netns: str | None) -> dict[str, str]:
-    """Capability name -> why, for this configuration."""
+KPROBE_NEEDS = ("create its kprobes: the kernel's kprobe PMU asks for CAP_SYS_ADMIN, not CAP_PERFMON "
+                "(measured on Debian's 6.1), and mount tracefs under `ip netns exec`")
+
+
+def required(netns: str | None, mode: str = "auto") -> dict[str, str]:
+    """Capability name -> why, for this configuration (probe.netns, probe.mode)."""
     need = {name: WHY[name] for name in ("CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN")}
     if last_cap() < CAP_NUMBERS["CAP_BPF"]:
         # before 5.8 CAP_SYS_ADMIN stands for both
@@ -60,6 +64,11 @@ def required(netns: str | None) -> dict[str, str]:
         need["CAP_SYS_ADMIN"] = "load and attach BPF programs (this kernel predates CAP_BPF and CAP_PERFMON)"
     if netns is not None:
         need["CAP_SYS_ADMIN"] = WHY["CAP_SYS_ADMIN"]
+    if mode == "kprobe":
+        # CAP_SYS_ADMIN also passes the kernel's CAP_BPF and CAP_PERFMON checks
+        need.pop("CAP_BPF", None)
+        need.pop("CAP_PERFMON", None)
+        need["CAP_SYS_ADMIN"] = KPROBE_NEEDS
     return need
 
 
@@ -70,9 +79,9 @@ def _held(mask: int, name: str) -> bool:
     return name in ("CAP_BPF", "CAP_PERFMON") and bool(mask >> CAP_NUMBERS["CAP_SYS_ADMIN"] & 1)
 
 
-def missing(netns: str | None, mask: int | None = None) -> dict[str, str]:
+def missing(netns: str | None, mask: int | None = None, mode: str = "auto") -> dict[str, str]:
     mask = effective() if mask is None else mask
-    return {name: why for name, why in required(netns).items() if not _held(mask, name)}
+    return {name: why for name, why in required(netns, mode).items() if not _held(mask, name)}
 
 
 def describe(mask: int | None = None) -> str:
@@ -82,14 +91,14 @@ def describe(mask: int | None = None) -> str:
     return f"{who}, holding {', '.join(held) if held else 'none of ' + ', '.join(CAP_NUMBERS)}"
 
 
-def problem(netns: str | None) -> str | None:
+def problem(netns: str | None, mode: str = "auto") -> str | None:
     """A message naming the missing capabilities, or None."""
-    lacking = missing(netns)
+    lacking = missing(netns, mode=mode)
     if not lacking:
         return None
     names = ", ".join(lacking)
     reasons = "; ".join(f"{name}: {why}" for name, why in lacking.items())
     return (f"missing capabilit{'y' if len(lacking) == 1 else 'ies'} {names} ({describe()}): {reasons}. "
             "Run as root, or grant them, e.g. systemd AmbientCapabilities= (dist/conntracct.service) or "
-            f"`setpriv --inh-caps +{',+'.join(n[4:].lower() for n in required(netns))} "
-            f"--ambient-caps +{',+'.join(n[4:].lower() for n in required(netns))} ...`")
+            f"`setpriv --inh-caps +{',+'.join(n[4:].lower() for n in required(netns, mode))} "
+            f"--ambient-caps +{',+'.join(n[4:].lower() for n in required(netns, mode))} ...`")

@@ -148,3 +148,9 @@ def test_ensure_tracking_table_is_accept_only_and_hooked_nowhere():
     assert "hook" not in body.replace("hooked nowhere", "") and "policy" not in body
     assert "ct state new,established,related accept" in body
     assert [w for w in ("drop", "reject", "jump", "goto", "mark set") if w in text] == []
+
+
+def test_kprobe_mode_needs_sys_admin_which_covers_bpf_and_perfmon():
+    assert list(privileges.missing(None, MEASURED, mode="kprobe")) == ["CAP_SYS_ADMIN"]
+    assert privileges.missing(None, BIT["CAP_SYS_ADMIN"] | BIT["CAP_NET_ADMIN"], mode="kprobe") == {}
+    assert list(privileges.missing(None, BIT["CAP_SYS_ADMIN"], mode="kprobe")) == ["CAP_NET_ADMIN"]

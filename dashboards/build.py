@@ -91,7 +91,10 @@ def prom_regex_variables(ds: DataSourceRef, metric: str, names: list[tuple[str, 
 
 # -- panels ------------------------------------------------------------------
 
-def _sized(panel, w: int, h: int):
+def _finished(panel, targets: list, w: int, h: int):
+    """The panel with its queries, at its size."""
+    for target in targets:
+        panel = panel.with_target(target)
     return panel.span(w).height(h)
 
 
@@ -105,9 +108,7 @@ def time_series(title: str, description: str, unit: str, targets: list, ds: Data
         p = p.stacking(common.StackingConfig().mode(StackingMode.NORMAL))
     if interval:
         p = p.interval(interval)
-    for t in targets:
-        p = p.with_target(t)
-    return _sized(p, w, h)
+    return _finished(p, targets, w, h)
 
 
 def table_panel(title: str, description: str, unit: str, targets: list, ds: DataSourceRef,
@@ -118,16 +119,12 @@ def table_panel(title: str, description: str, unit: str, targets: list, ds: Data
         p = p.override_by_name(gauge_field, [dashboard_model.DynamicConfigValue(
             id_val="custom.cellOptions",
             value=TableBarGaugeCellOptions(mode=BarGaugeDisplayMode.GRADIENT))])
-    for t in targets:
-        p = p.with_target(t)
-    return _sized(p, w, h)
+    return _finished(p, targets, w, h)
 
 
 def stat_panel(title: str, description: str, unit: str, targets: list, ds: DataSourceRef, w: int = 6, h: int = 4):
     p = stat.Panel().title(title).description(description).datasource(ds).unit(unit)
-    for t in targets:
-        p = p.with_target(t)
-    return _sized(p, w, h)
+    return _finished(p, targets, w, h)
 
 
 def bar_gauge(title: str, description: str, unit: str, targets: list, ds: DataSourceRef, w: int = 12, h: int = 8):
@@ -137,16 +134,12 @@ def bar_gauge(title: str, description: str, unit: str, targets: list, ds: DataSo
          .display_mode(BarGaugeDisplayMode.GRADIENT).orientation(VizOrientation.HORIZONTAL)
          .reduce_options(common.ReduceDataOptions().calcs(["lastNotNull"]).values(False))
          .color_scheme(dashboard.FieldColor().mode(dashboard_model.FieldColorModeId.PALETTE_CLASSIC)))
-    for t in targets:
-        p = p.with_target(t)
-    return _sized(p, w, h)
+    return _finished(p, targets, w, h)
 
 
 def histogram(title: str, description: str, unit: str, targets: list, ds: DataSourceRef, w: int = 12, h: int = 8):
     p = histogram_panel.Panel().title(title).description(description).datasource(ds).unit(unit)
-    for t in targets:
-        p = p.with_target(t)
-    return _sized(p, w, h)
+    return _finished(p, targets, w, h)
 
 
 def promql(expr: str, legend: str = "", ref: str = "A", instant: bool = False, table_format: bool = False,

@@ -12,6 +12,7 @@ import os
 import re
 import socket
 import struct
+from pathlib import Path
 
 BPF_PROG_TYPE_NETFILTER = 32
 BPF_NETFILTER = 45
@@ -201,13 +202,21 @@ def attach_tracing(prog_fd: int) -> int:
     return fd
 
 
-def attach_kprobe(prog_fd: int, function: str) -> int:
-    """Attach a loaded kprobe program to `function` through the kprobe PMU (Linux 4.17+,
-    what BCC uses when it exists); the perf event fd, which detaches when closed."""
+def _retprobe_config() -> int:
+    """The kprobe PMU's config bit that makes a kretprobe (its format file says "config:N")."""
+    with open(Path(KPROBE_PMU).parent / "format" / "retprobe") as f:
+        return 1 << int(f.read().strip().split(":")[1])
+
+
+def attach_kprobe(prog_fd: int, function: str, retprobe: bool = False) -> int:
+    """Attach a loaded kprobe program to `function` (its return with `retprobe`) through the
+    kprobe PMU (Linux 4.17+, what BCC uses when it exists); the perf event fd, which detaches
+    when closed: no tracefs, so an agent holding capabilities instead of root can do it."""
     with open(KPROBE_PMU) as f:
         pmu = int(f.read())
     name = ctypes.create_string_buffer(function.encode())
-    attr = _PerfEventAttr(type=pmu, size=72, sample_period=1, wakeup_events=1, config1=ctypes.addressof(name))
+    attr = _PerfEventAttr(type=pmu, size=72, config=_retprobe_config() if retprobe else 0,
+                          sample_period=1, wakeup_events=1, config1=ctypes.addressof(name))
     fd = _libc.syscall(_SYS_PERF_EVENT_OPEN, ctypes.byref(attr), -1, 0, -1, _PERF_FLAG_FD_CLOEXEC)
     if fd < 0:
         err = ctypes.get_errno()

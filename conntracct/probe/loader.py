@@ -124,12 +124,25 @@ def fentry_unreachable(destroy: str) -> str | None:
 TRACEFS = Path("/sys/kernel/tracing")
 
 
+def has_kprobe_events() -> bool:
+    """Whether tracefs offers kprobe_events.  Tracefs is root's (mode 0700): an agent
+    running with capabilities instead of root cannot look in, so a refusal means
+    it is there (the attach goes through the kprobe PMU anyway)."""
+    for path in (TRACEFS / "kprobe_events", Path("/sys/kernel/debug/tracing/kprobe_events")):
+        try:
+            if path.exists():
+                return True
+        except PermissionError:
+            return True
+    return False
+
+
 def ensure_tracefs() -> None:
     """BCC attaches kprobes through the perf PMU but detaches them through
     tracefs (kprobe_events), and fails without it.  `ip netns exec` remounts
     /sys for the namespace, leaving /sys/kernel/tracing empty: mount tracefs
     there (in the caller's mount namespace, private under `ip netns exec`)."""
-    if (TRACEFS / "kprobe_events").exists() or Path("/sys/kernel/debug/tracing/kprobe_events").exists():
+    if has_kprobe_events():
         return
     if not TRACEFS.is_dir() or os.path.ismount(TRACEFS):
         return      # no tracefs, or one without kprobes: the attach error says so
@@ -220,7 +233,13 @@ class Probe:
                                  attach_type=bpfsys.BPF_NETFILTER)
                 for family, hook in bpfsys.PROBE_HOOKS:
                     self._links.append(bpfsys.link_netfilter(fn.fd, family, hook))
-            elif self.mode == "kprobe":
+            elif self.mode == "kprobe" and Path(bpfsys.KPROBE_PMU).exists():
+                for function, program, retprobe in ((REFRESH_FUNC, b"refresh_enter", False),
+                                                    (REFRESH_FUNC, b"refresh_return", True),
+                                                    (destroy, b"flow_destroy", False)):
+                    fn = b.load_func(program, bpfsys.BPF_PROG_TYPE_KPROBE)
+                    self._links.append(bpfsys.attach_kprobe(fn.fd, function, retprobe))
+            elif self.mode == "kprobe":     # no kprobe PMU (before 4.17): BCC's tracefs path
                 ensure_tracefs()
                 b.attach_kprobe(event=REFRESH_FUNC.encode(), fn_name=b"refresh_enter")
                 b.attach_kretprobe(event=REFRESH_FUNC.encode(), fn_name=b"refresh_return")

@@ -14,7 +14,7 @@ from pathlib import Path
 from .. import instance, netns, privileges
 from . import bpfsys
 from .btf import BTFError, kernel_btf
-from .loader import DESTROY_FUNCS, MODES, REFRESH_FUNC, ensure_tracefs, explain, fentry_unreachable
+from .loader import DESTROY_FUNCS, MODES, REFRESH_FUNC, ensure_tracefs, explain, fentry_unreachable, has_kprobe_events
 from .offsets import kernel_offsets
 
 # Cheapest per packet first.
@@ -141,10 +141,9 @@ def try_fentry() -> Check:
 
 
 def try_kprobe() -> Check:
-    ensure_tracefs()
     if not Path(bpfsys.KPROBE_PMU).exists():
-        if Path("/sys/kernel/tracing/kprobe_events").exists() or \
-                Path("/sys/kernel/debug/tracing/kprobe_events").exists():
+        ensure_tracefs()
+        if has_kprobe_events():
             return _try_kprobe_bcc()    # no kprobe PMU (before 4.17): BCC's tracefs path
         return Check("kprobe", False, f"kprobe on {REFRESH_FUNC}: no kprobe PMU and no kprobe_events "
                                       "(kernel built without CONFIG_KPROBES?)")

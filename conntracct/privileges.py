@@ -10,9 +10,10 @@ an unprivileged user holding, as ambient capabilities,
 - CAP_NET_ADMIN: BPF netfilter links, ctnetlink (events, lookups, the
   tracking probe), the conntrack sysctls of its namespace, nftables
   (conntrack.ensure_tracking);
-- CAP_SYS_ADMIN only to enter another namespace (probe.netns: setns); kprobe
-  mode also needs it to mount tracefs when it finds /sys/kernel/tracing empty
-  (not checked here: mount it beforehand, as systemd does).
+- CAP_SYS_ADMIN to enter another namespace (probe.netns: setns), and in
+  kprobe mode: perf_event_open of the kprobe PMU where
+  kernel.perf_event_paranoid is 3 (Debian's default) wants it, not
+  CAP_PERFMON (measured in the 6.1 guest).
 
 CAP_SYS_ADMIN also satisfies the kernel's CAP_BPF and CAP_PERFMON checks
 (bpf_capable(), perfmon_capable()); kernels before 5.8 know neither and ask
@@ -50,8 +51,8 @@ def last_cap() -> int:
         return 40
 
 
-KPROBE_NEEDS = ("create its kprobes: the kernel's kprobe PMU asks for CAP_SYS_ADMIN, not CAP_PERFMON "
-                "(measured on Debian's 6.1), and mount tracefs under `ip netns exec`")
+KPROBE_NEEDS = ("create its kprobes: perf_event_open of the kernel's kprobe PMU asks for CAP_SYS_ADMIN where "
+                "kernel.perf_event_paranoid is 3 (Debian's default; measured on its 6.1), CAP_PERFMON is refused")
 
 
 def required(netns: str | None, mode: str = "auto") -> dict[str, str]:

@@ -57,6 +57,7 @@ if [ "$SUITE" = reduced ]; then
     BUDGET=900
 else
     TESTS=(tests/integration/test_probe_modes.py tests/integration/test_mode_detection.py
+           tests/integration/test_least_privilege.py
            tests/integration/test_flow_end_hook.py tests/integration/test_agent_netns.py)
     BUDGET=2400
 fi

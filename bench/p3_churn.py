@@ -207,7 +207,8 @@ def main() -> None:
     steps, best = series(args.rates, args.seconds, None)
     report.details = {"steps": steps, "seconds": args.seconds}
     for step in steps:
-        report.row(f"{step['rate_asked']:,.0f} conn/s asked for {args.seconds:g} s (ring {mib(DEFAULT_PAGES)}, default)",
+        asked = f"{step['rate_asked']:,.0f} conn/s asked for {args.seconds:g} s"
+        report.row(f"{asked} (ring {mib(DEFAULT_PAGES)}, default)",
                    f"{step['rate']:,.0f}/s {'ok' if step['ok'] else 'FAIL'}",
                    note=f"lost {sum(max(v, 0) for v in step['lost'].values()):,}, exact={step['exact']}, "
                         f"agent CPU {step['agent_cpu_share']:.0%} of a core")

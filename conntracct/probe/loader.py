@@ -15,7 +15,6 @@ from .btf import kernel_btf
 from .layout import DEFINES
 from .offsets import kernel_offsets
 from .record import FLOW_KEY, FLOW_STATE, RECORD, STAT_NAMES, FlowState
-from .ringbuf import RingBuffer
 
 log = logging.getLogger(__name__)
 
@@ -202,13 +201,7 @@ class Probe:
             self._attach(destroy)
             self._records = self._bpf["records"]
             self.ring_fd = self._records.map_fd
-            self._on_record = on_record
-            if RingBuffer.supported():
-                # Our own reader: maps only what it reads (ringbuf.py).
-                self._ring: RingBuffer | None = RingBuffer(self.ring_fd, self._records.max_entries)
-            else:
-                self._ring = None
-                self._records.open_ring_buffer(self._callback_for(on_record))
+            self._records.open_ring_buffer(self._callback_for(on_record))
         except Exception:
             self.close()
             raise
@@ -260,10 +253,7 @@ class Probe:
     # -- running --------------------------------------------------------------
     def consume(self) -> None:
         """Hand over every record queued now, without waiting."""
-        if self._ring is not None:
-            self._ring.consume(self._on_record)
-        else:
-            self._bpf.ring_buffer_consume()
+        self._bpf.ring_buffer_consume()
 
     def take_flow_state(self, key: bytes) -> FlowState | None:
         """Remove a flow's kernel-side state (key: a struct flow_key) and return it."""
@@ -289,9 +279,6 @@ class Probe:
         return out
 
     def close(self) -> None:
-        if getattr(self, "_ring", None) is not None:
-            self._ring.close()
-            self._ring = None
         for fd in self._links:
             os.close(fd)
         self._links.clear()

@@ -202,6 +202,11 @@ def attach_tracing(prog_fd: int) -> int:
     return fd
 
 
+def has_kprobe_pmu() -> bool:
+    """Whether kprobes attach through the kprobe PMU (Linux 4.17+) rather than tracefs."""
+    return Path(KPROBE_PMU).exists()
+
+
 def _retprobe_config() -> int:
     """The kprobe PMU's config bit that makes a kretprobe (its format file says "config:N")."""
     with open(Path(KPROBE_PMU).parent / "format" / "retprobe") as f:

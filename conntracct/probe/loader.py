@@ -226,7 +226,7 @@ class Probe:
                                  attach_type=bpfsys.BPF_NETFILTER)
                 for family, hook in bpfsys.PROBE_HOOKS:
                     self._links.append(bpfsys.link_netfilter(fn.fd, family, hook))
-            elif self.mode == "kprobe" and Path(bpfsys.KPROBE_PMU).exists():
+            elif self.mode == "kprobe" and bpfsys.has_kprobe_pmu():
                 for function, program, retprobe in ((REFRESH_FUNC, b"refresh_enter", False),
                                                     (REFRESH_FUNC, b"refresh_return", True),
                                                     (destroy, b"flow_destroy", False)):

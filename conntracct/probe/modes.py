@@ -141,7 +141,7 @@ def try_fentry() -> Check:
 
 
 def try_kprobe() -> Check:
-    if not Path(bpfsys.KPROBE_PMU).exists():
+    if not bpfsys.has_kprobe_pmu():
         ensure_tracefs()
         if has_kprobe_events():
             return _try_kprobe_bcc()    # no kprobe PMU (before 4.17): BCC's tracefs path

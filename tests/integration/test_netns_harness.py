@@ -164,11 +164,11 @@ def test_counters_when_acct_on(acct_topo):
     [tf] = find_flows(flows, proto="tcp", orig_sport=t.sport)
     assert tf["orig"]["bytes"] > 100_000 and tf["reply"]["bytes"] > 20_000
     assert tf["start"] is not None  # timestamp extension on
-    [uf] = find_flows(flows, proto="udp", orig_sport=u4.sport)
+    [uf] = find_flows(flows, proto="udp", orig_sport=u4.sport, orig_dport=u4.dport)
     # IPv4 UDP: 20 + 8 header bytes per datagram, counted at layer 3.
     assert (uf["orig"]["packets"], uf["orig"]["bytes"]) == (4, 4 * 128)
     assert (uf["reply"]["packets"], uf["reply"]["bytes"]) == (4, 4 * 128)
-    [uf6] = find_flows(flows, proto="udp", orig_sport=u6.sport)
+    [uf6] = find_flows(flows, proto="udp", orig_sport=u6.sport, orig_dport=u6.dport)
     assert (uf6["orig"]["bytes"], uf6["reply"]["bytes"]) == (2 * 108, 2 * 548)
     [pf] = find_flows(flows, proto="icmp", orig_id=p.ident)
     assert (pf["orig"]["packets"], pf["orig"]["bytes"]) == (3, 3 * 84)
@@ -204,7 +204,7 @@ def test_destroy_events_on_flush(acct_topo):
     assert not cap.lost_events
     assert all(e["event"] == "DESTROY" for e in events)
     for t, family in ((t4, 4), (t6, 6)):
-        [e] = find_flows(events, proto="tcp", orig_sport=t.sport)
+        [e] = find_flows(events, proto="tcp", orig_sport=t.sport, orig_dport=t.dport)
         assert e["family"] == f"ipv{family}"
         assert e["reply"]["dst"] == topo.addr("nat", family)
         assert e["orig"]["bytes"] > 5000 and e["reply"]["bytes"] > 1000

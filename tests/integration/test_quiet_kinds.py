@@ -29,9 +29,11 @@ def run(kinds: list[str] | None) -> tuple[dict, list[dict], list]:
             topo.wait_conntrack_empty()
         records = agent.wait_for_records(lambda rs: sum(r["kind"] == "destroy" for r in rs) >= 20)
         assert agent.stop() == 0
-        ports = {t.sport for t in transfers}
-        destroys = [r for r in records if r["kind"] == "destroy" and r["orig"]["sport"] in ports]
-        kernel = [e for t in transfers for e in find_flows(cap.events, proto="tcp", orig_sport=t.sport)]
+        # By both ports: two transfers to different ports may get the same source port
+        ports = {(t.sport, t.dport) for t in transfers}
+        destroys = [r for r in records if r["kind"] == "destroy" and (r["orig"]["sport"], r["orig"]["dport"]) in ports]
+        kernel = [e for t in transfers
+                  for e in find_flows(cap.events, proto="tcp", orig_sport=t.sport, orig_dport=t.dport)]
         return probe_summary(agent.stderr), destroys, kernel
 
 

@@ -82,11 +82,13 @@ def test_flows_end_to_end_through_nat(topo):
 
     flows = by_flow(agent.records())
     checked = 0
-    cases = [(dict(proto="tcp", sport=t.sport, family=4), dict(proto="tcp", orig_sport=t.sport), topo.nat_v4)
+    # By both ports: flows to different ports may share a source port
+    ports = lambda f: (dict(sport=f.sport, dport=f.dport), dict(orig_sport=f.sport, orig_dport=f.dport))  # noqa: E731
+    cases = [(dict(proto="tcp", family=4, **ports(t)[0]), dict(proto="tcp", **ports(t)[1]), topo.nat_v4)
              for t in tcp.values()]
-    cases += [(dict(proto="tcp", sport=tcp6.sport, family=6), dict(proto="tcp", orig_sport=tcp6.sport), topo.nat_v6),
-              (dict(proto="udp", sport=udp.sport, family=4), dict(proto="udp", orig_sport=udp.sport), topo.nat_v4),
-              (dict(proto="udp", sport=udp6.sport, family=6), dict(proto="udp", orig_sport=udp6.sport), topo.nat_v6),
+    cases += [(dict(proto="tcp", family=6, **ports(tcp6)[0]), dict(proto="tcp", **ports(tcp6)[1]), topo.nat_v6),
+              (dict(proto="udp", family=4, **ports(udp)[0]), dict(proto="udp", **ports(udp)[1]), topo.nat_v4),
+              (dict(proto="udp", family=6, **ports(udp6)[0]), dict(proto="udp", **ports(udp6)[1]), topo.nat_v6),
               (dict(proto="icmp", icmp_id=pings[0].ident), dict(proto="icmp", orig_id=pings[0].ident), topo.nat_v4),
               (dict(proto="icmpv6", icmp_id=pings[1].ident), dict(proto="icmpv6", orig_id=pings[1].ident),
                topo.nat_v6)]
@@ -104,7 +106,7 @@ def test_flows_end_to_end_through_nat(topo):
     # Payload sizes are visible in the byte totals (plus headers, plus what
     # TCP sent again: a retransmission is a packet the router counts too).
     for size, t in tcp.items():
-        [recs] = find(flows, proto="tcp", sport=t.sport, family=4)
+        [recs] = find(flows, proto="tcp", sport=t.sport, dport=t.dport, family=4)
         headers = recs[-1]["packets_orig"] * 80
         assert size <= recs[-1]["bytes_orig"] <= size + t.retransmitted + headers, t
     # The 6-second ping got UPDATEs, and no more than the curve allows.

@@ -245,5 +245,7 @@ def test_pack_record_puts_each_field_where_decode_reads_it():
     assert e.orig == ("2001:db8:1::2", "2001:db8:2::2", 5353, 53)
     assert e.reply == ("2001:db8:2::2", "2001:db8:1::2", 53, 5353)
     assert e.flow_id == flow_id(orig, 12, 11, 13) and e == reference_decode(raw, 1000)
+    bare = decode(pack_record(kind="new", orig=orig, reply=orig), 0)     # fields not given are 0
+    assert (bare.packets_orig, bare.delta_bytes_reply, bare.start_ns, bare.ts_ns, bare.flags) == (0, 0, 0, 0, 0)
     with pytest.raises(TypeError, match="no field colour"):
         pack_record(kind="new", orig=orig, reply=orig, colour=1)

@@ -46,7 +46,8 @@ BPF_PROG_TYPE_NETFILTER = 32
 # boundary calls (helpers, native code) counts for it unless it is a
 # boundary itself (a syscall, the map delete, the sink's write).
 STAGES = [
-    ("BPF map lookup-and-delete (1 bpf() per finished flow)", ("MapEntryTaker.take",)),
+    ("BPF map lookup-and-delete (a bpf() per batch of finished flows, or per flow)",
+     ("MapEntryTaker.take", "BatchTaker.take", "Probe.take_flow_states")),
     ("ctnetlink: recv syscalls", ("recv (libc", "recvfrom (libc", "recvmsg (libc", "recvmmsg (libc", "__libc_recv",
                                   "socket.recv_into", "recv_into (", "BatchReceiver.receive")),
     ("ctnetlink: parse events", ("DestroyEvents.read",)),

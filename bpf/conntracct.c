@@ -422,6 +422,40 @@ int netfilter_hook(struct nf_prog_ctx *ctx) {
 }
 #endif
 
+#ifdef MODE_NETFILTER
+// Flow ends come from ctnetlink in this mode, and the agent takes each ended
+// flow's state out of `flows`: a batch of them per run of this program
+// (BPF_PROG_TYPE_SYSCALL, run by bpf(BPF_PROG_TEST_RUN)), one syscall per
+// batch instead of one per flow.  The arrays are mapped into the agent.
+BPF_F_TABLE("array", u32, struct flow_key, take_keys, TAKE_BATCH, BPF_F_MMAPABLE);
+BPF_F_TABLE("array", u32, struct take_slot, take_slots, TAKE_BATCH, BPF_F_MMAPABLE);
+
+struct take_args {
+    u32 count;      // keys in take_keys[0..count)
+};
+
+int take_flow_states(struct take_args *args) {
+    u32 count = args->count;
+#pragma clang loop unroll(disable)
+    for (u32 i = 0; i < TAKE_BATCH; i++) {
+        if (i >= count)
+            break;
+        u32 index = i;
+        struct flow_key *key = take_keys.lookup(&index);
+        struct take_slot *slot = take_slots.lookup(&index);
+        if (!key || !slot)
+            break;
+        struct flow_state *st = flows.lookup(key);
+        slot->found = st != NULL;
+        if (st) {   // the agent counts these deletes (state_deletes)
+            __builtin_memcpy(&slot->state, st, sizeof(slot->state));
+            flows.delete(key);
+        }
+    }
+    return 0;
+}
+#endif
+
 #ifdef MODE_KPROBE
 // kprobe + kretprobe on __nf_ct_refresh_acct: counters are read after the
 // kernel updated them.

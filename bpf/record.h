@@ -87,4 +87,14 @@ struct flow_state {
     u64 flags;              // FLAG_BACKDATED, carried by every later record
 };
 
+
+// Flow ends in netfilter mode: the agent takes ended flows' states out of
+// `flows` up to TAKE_BATCH at a time, with one run of the take_flow_states
+// program (bpf/conntracct.c) per batch: the keys in the `take_keys` array,
+// each flow's state in the same index of `take_slots`.
+#define TAKE_BATCH 128
+struct take_slot {
+    struct flow_state state;
+    u64 found;              // 1: the flow had state (now deleted); 0: none
+};
 #endif

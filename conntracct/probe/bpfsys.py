@@ -1,5 +1,6 @@
-"""bpf(2) calls BCC 0.26 has no API for: netfilter links (Linux 6.4+) and
-single-syscall lookup-and-delete of a hash map entry (5.14+).
+"""bpf(2) calls BCC 0.26 has no API for: netfilter links (Linux 6.4+),
+single-syscall lookup-and-delete of a hash map entry (5.14+) and syscall
+programs run over mapped arrays (5.14+).
 
 A netfilter link lives in the network namespace of the thread that creates
 it and is removed when its file descriptor is closed.
@@ -8,6 +9,7 @@ it and is removed when its file descriptor is closed.
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 import re
 import socket
@@ -230,4 +232,89 @@ def attach_kprobe(prog_fd: int, function: str, retprobe: bool = False) -> int:
         err = ctypes.get_errno()
         os.close(fd)
         raise OSError(err, f"attach to kprobe {function}: {os.strerror(err)}")
+    return fd
+
+
+# -- many flows' state taken in one syscall (netfilter mode's flow ends) ---------------
+BPF_PROG_TYPE_SYSCALL = 31
+BPF_F_SLEEPABLE = 1 << 4     # the kernel runs syscall programs only as sleepable ones
+_BPF_PROG_TEST_RUN = 10
+
+
+class _TestRunAttr(ctypes.Structure):
+    # union bpf_attr, test member.
+    _fields_ = [
+        ("prog_fd", ctypes.c_uint32), ("retval", ctypes.c_uint32),
+        ("data_size_in", ctypes.c_uint32), ("data_size_out", ctypes.c_uint32),
+        ("data_in", ctypes.c_uint64), ("data_out", ctypes.c_uint64),
+        ("repeat", ctypes.c_uint32), ("duration", ctypes.c_uint32),
+        ("ctx_size_in", ctypes.c_uint32), ("ctx_size_out", ctypes.c_uint32),
+        ("ctx_in", ctypes.c_uint64), ("ctx_out", ctypes.c_uint64),
+        ("flags", ctypes.c_uint32), ("cpu", ctypes.c_uint32), ("batch_size", ctypes.c_uint32),
+        ("_rest", ctypes.c_uint8 * 64),
+    ]
+
+
+def _map_array(map_fd: int, size: int) -> mmap.mmap:
+    """A BPF_F_MMAPABLE array map's values, mapped read-write (size: bytes used)."""
+    return mmap.mmap(map_fd, -(-size // mmap.PAGESIZE) * mmap.PAGESIZE, mmap.MAP_SHARED,
+                     mmap.PROT_READ | mmap.PROT_WRITE)
+
+
+class BatchTaker:
+    """Looks up and deletes many hash-map entries with one bpf() call each
+    `batch`: a syscall program (take_flow_states in bpf/conntracct.c) runs
+    over keys written into one mapped array and answers in another, each
+    slot a value and a found word.  Sizes are the elements' (arrays hold
+    them 8-byte aligned)."""
+
+    def __init__(self, prog_fd: int, keys_fd: int, slots_fd: int, batch: int, key_size: int,
+                 value_size: int, found_at: int, slot_size: int):
+        self._key_step, self._slot_step = -(-key_size // 8) * 8, -(-slot_size // 8) * 8
+        self._keys = _map_array(keys_fd, batch * self._key_step)
+        self._slots = _map_array(slots_fd, batch * self._slot_step)
+        self._batch, self._key_size, self._value_size, self._found_at = batch, key_size, value_size, found_at
+        self._count = ctypes.c_uint32()
+        self._attr = _TestRunAttr(prog_fd=prog_fd, ctx_size_in=ctypes.sizeof(self._count),
+                                  ctx_in=ctypes.addressof(self._count))
+
+    def take(self, keys: list[bytes]) -> list[bytes | None]:
+        """Each key's value, removed from the map; None where there was none."""
+        out: list[bytes | None] = []
+        keys_area, slots, key_step, slot_step = self._keys, self._slots, self._key_step, self._slot_step
+        for first in range(0, len(keys), self._batch):
+            chunk = keys[first:first + self._batch]
+            at = 0
+            for key in chunk:
+                keys_area[at:at + self._key_size] = key
+                at += key_step
+            self._count.value = len(chunk)
+            ret, err = _bpf(_BPF_PROG_TEST_RUN, self._attr)
+            if ret < 0:
+                raise OSError(err, f"bpf prog test run (take flow states): {os.strerror(err)}")
+            found_at, size = self._found_at, self._value_size
+            for at in range(0, len(chunk) * slot_step, slot_step):
+                out.append(slots[at:at + size] if slots[at + found_at] else None)
+        return out
+
+    def close(self) -> None:
+        self._keys.close()
+        self._slots.close()
+
+
+def load_program(prog_type: int, insns: bytes, name: bytes, flags: int = 0) -> int:
+    """Load compiled instructions (map fds already in them, as BCC leaves
+    them); the program's fd, or OSError with the verifier's last words."""
+    code = ctypes.create_string_buffer(insns, len(insns))
+    license_ = ctypes.create_string_buffer(b"GPL")
+    log = ctypes.create_string_buffer(1 << 16)
+    attr = _ProgLoadAttr(prog_type=prog_type, insn_cnt=len(insns) // 8, insns=ctypes.addressof(code),
+                         license=ctypes.addressof(license_), prog_flags=flags, prog_name=name[:15])
+    fd, err = _bpf(_BPF_PROG_LOAD, attr)
+    if fd < 0:     # again, with the verifier's log
+        attr.log_level, attr.log_size, attr.log_buf = 1, len(log), ctypes.addressof(log)
+        fd, err = _bpf(_BPF_PROG_LOAD, attr)
+    if fd < 0:
+        last = log.value.decode(errors="replace").strip().splitlines()[-3:]
+        raise OSError(err, f"{os.strerror(err)}{': ' + ' / '.join(last) if last else ''}")
     return fd

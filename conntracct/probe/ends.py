@@ -24,6 +24,7 @@ from .record import (
     FLOW_KEY,
     SWAP16,
     TUPLE,
+    FlowState,
     decode,
     flow_key,
     mirror_tuple,
@@ -100,13 +101,17 @@ class FlowEnds:
 
     # -- DESTROY events from ctnetlink ---------------------------------------------
     def on_events(self) -> None:
-        entries = self._events.read()
+        entries = [e for e in self._events.read() if e.family in AF_NUMBER]
         # Records already in the ring (e.g. a flow's NEW) go out before its DESTROY.
         self._probe.consume()
-        for entry in entries:
-            event = self._destroy_event(entry)
-            if event is not None:
-                self._deliver(event)
+        origs = [pack_tuple(e.family, e.orig.proto, e.orig.src, e.orig.dst, e.orig.src_u, e.orig.dst_u)
+                 for e in entries]
+        keys = [flow_key(orig, self._netns, e.zone, e.start_ns) for orig, e in zip(origs, entries, strict=True)]
+        # The flows' states all at once: a syscall per batch, not per flow.
+        states = self._probe.take_flow_states(keys)
+        for entry, orig, key, state in zip(entries, origs, keys, states, strict=True):
+            self._unevented.pop(key, None)
+            self._deliver(self._destroy_event(entry, orig, state))
         if self._events.overruns != self._overruns_seen:
             self._counts["ctnetlink_overruns"] += self._events.overruns - self._overruns_seen
             self._overruns_seen = self._events.overruns
@@ -114,14 +119,8 @@ class FlowEnds:
                         "reconciling with the conntrack table (raise probe.netlink_rcvbuf)")
             self._recover_lost_ends()
 
-    def _destroy_event(self, e: ctnetlink.CtEntry) -> FlowEvent | None:
-        if e.family not in AF_NUMBER:
-            return None
-        o, r = e.orig, e.reply
-        orig_raw = pack_tuple(e.family, o.proto, o.src, o.dst, o.src_u, o.dst_u)
-        key = flow_key(orig_raw, self._netns, e.zone, e.start_ns)
-        self._unevented.pop(key, None)
-        state = self._probe.take_flow_state(key)
+    def _destroy_event(self, e: ctnetlink.CtEntry, orig_raw: bytes, state: FlowState | None) -> FlowEvent:
+        """The DESTROY of a flow from its ctnetlink entry and the probe's state of it (taken)."""
         flags = 0 if e.counters else FLAG_NO_ACCT
         flags |= 0 if e.start_ns else FLAG_NO_TSTAMP
         if state is None:
@@ -132,6 +131,7 @@ class FlowEnds:
             first_seen, last_packets, last_bytes = state.first_seen, state.packets, state.bytes
             flags |= state.flags
         po, bo, pr, br = e.counters or (0, 0, 0, 0)
+        r = e.reply
         return self._event(
             orig=orig_raw, reply=pack_tuple(e.family, r.proto, r.src, r.dst, r.src_u, r.dst_u),
             netns=self._netns, zone=e.zone, start_ns=e.start_ns, stop_ns=e.stop_ns, first_seen=first_seen,

@@ -12,7 +12,7 @@ from pathlib import Path
 from ..config import ATTACH_MODES, ProbeConfig
 from . import bpfsys
 from .btf import kernel_btf
-from .layout import DEFINES
+from .layout import DEFINES, STRUCTS
 from .offsets import kernel_offsets
 from .record import FLOW_KEY, FLOW_STATE, RECORD, STAT_NAMES, FlowState
 
@@ -192,6 +192,7 @@ class Probe:
             raise ProbeError(f"unknown probe mode '{mode}'")
         self.mode = mode
         self._links: list[int] = []
+        self._batch_taker: bpfsys.BatchTaker | None = None
         self.wall_offset_ns = wall_offset_ns()
         self._bpf = None
         destroy = destroy_func() if mode != "netfilter" else DESTROY_FUNCS[0]
@@ -208,6 +209,7 @@ class Probe:
         self._stats = self._bpf["stats"]
         self._flows = self._bpf["flows"]
         self._taker = bpfsys.MapEntryTaker(self._flows.map_fd, FLOW_KEY.size, FLOW_STATE.size)
+        self._batch_taker = self._load_batch_taker() if mode == "netfilter" else None
 
     # -- set-up ---------------------------------------------------------------
     def _configure(self, stamped_since_start: bool, quiet_kinds: bytes) -> None:
@@ -241,6 +243,21 @@ class Probe:
         except Exception as e:
             raise ProbeError(f"{self.mode} probe: attach failed: {explain(e)}") from None
 
+    def _load_batch_taker(self) -> bpfsys.BatchTaker | None:
+        """The take_flow_states program and its arrays (netfilter mode: the
+        agent ends flows); None, and a flow at a time, if the kernel refuses it."""
+        slot = STRUCTS["take_slot"]
+        try:
+            fd = bpfsys.load_program(bpfsys.BPF_PROG_TYPE_SYSCALL, self._bpf.dump_func(b"take_flow_states"),
+                                     b"take_flow_states", bpfsys.BPF_F_SLEEPABLE)
+        except OSError as e:
+            log.info("flow states taken one syscall per flow: the batch program was refused (%s)", e)
+            return None
+        self._links.append(fd)    # closed with the probe
+        return bpfsys.BatchTaker(fd, self._bpf["take_keys"].map_fd, self._bpf["take_slots"].map_fd,
+                                 DEFINES["TAKE_BATCH"], FLOW_KEY.size, FLOW_STATE.size,
+                                 slot.offset("found"), slot.size)
+
     @staticmethod
     def _callback_for(on_record):
         size = RECORD.size
@@ -259,6 +276,18 @@ class Probe:
         """Remove a flow's kernel-side state (key: a struct flow_key) and return it."""
         raw = self._taker.take(key)
         return FlowState.unpack(raw) if raw is not None else None
+
+    @property
+    def takes_in_batches(self) -> bool:
+        """True when take_flow_states() needs a syscall per batch, not per flow."""
+        return self._batch_taker is not None
+
+    def take_flow_states(self, keys: list[bytes]) -> list[FlowState | None]:
+        """take_flow_state() of many flows, in a syscall per TAKE_BATCH where the kernel allows."""
+        if self._batch_taker is None:
+            return [self.take_flow_state(key) for key in keys]
+        unpack = FlowState.unpack
+        return [unpack(raw) if raw is not None else None for raw in self._batch_taker.take(keys)]
 
     def flow_keys(self) -> list[bytes]:
         """The keys (struct flow_key) of every flow the probe holds state for."""
@@ -279,6 +308,9 @@ class Probe:
         return out
 
     def close(self) -> None:
+        if self._batch_taker is not None:
+            self._batch_taker.close()
+            self._batch_taker = None
         for fd in self._links:
             os.close(fd)
         self._links.clear()

@@ -93,6 +93,7 @@ def test_agent_as_nobody_with_the_measured_capabilities(topo, home):
     agent.wait_for_records(lambda rs: sum(r["kind"] == "destroy" for r in rs) >= 4)
     assert agent.stop() == 0, agent.stderr
     assert "Traceback" not in agent.stderr
+    assert "one syscall per flow" not in agent.stderr     # the batch program loads with these too
     flows = by_flow(agent.records())
     for want, kernel_want in ((dict(proto="udp", sport=udp.sport, family=4), dict(proto="udp", orig_sport=udp.sport)),
                               (dict(proto="udp", sport=udp6.sport, family=6),

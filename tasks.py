@@ -40,6 +40,8 @@ PY = VENV / "bin" / "python"
 # Debian packages the agent needs to run (./tasks.py setup, run).
 APT_PACKAGES = [
     "python3-bpfcc", "python3-venv", "linux-headers-amd64", "kmod",
+    # the package's C extension (conntracct/_jsonline.c) builds at install
+    "gcc", "python3-dev",
     "iproute2", "nftables", "conntrack", "iputils-ping", "procps",
 ]
 # What only the tests use (./tasks.py test, bench): one entry per package,
@@ -144,7 +146,9 @@ def tracefs() -> None:
 
 def venv() -> None:
     stamp = VENV / ".installed"
-    want = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    # The install builds the package's C extension too: a change to it reinstalls.
+    sources = [ROOT / "pyproject.toml", *sorted((ROOT / "conntracct").glob("*.c"))]
+    want = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()
     if stamp.exists() and stamp.read_text() == want:
         return
     if not PY.exists():

@@ -9,9 +9,11 @@ reference, tests/reference/records.py.  Not a sink.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from datetime import UTC, datetime
 from functools import lru_cache
 
+from .. import _jsonline
 from ..flow import END_REASONS, FLAG_NAMES, FlowEvent
 
 
@@ -74,45 +76,14 @@ def _labels_json(labels: dict) -> str:
 _END_REASON_JSON = {code: _STR(name) for code, name in END_REASONS.items()}
 _JSON_IDENTITY = object()   # json_line's key in FlowEvent.memo
 
-
-def _json_identity(e: FlowEvent) -> str:
-    """The part of a JSON line that only the flow's identity decides, from
-    "flow_id" to "nat": made once per flow (FlowEvent.memo)."""
-    o, r = e.orig, e.reply
-    return (f'"flow_id":"{e.flow_id:016x}","family":{e.family:d},'
-            f'"protocol":{_STR(e.proto_name)},"protocol_number":{e.proto:d},'
-            f'"orig":{{"src":{_STR(o.src)},"dst":{_STR(o.dst)},"sport":{o.sport:d},"dport":{o.dport:d}}},'
-            f'"reply":{{"src":{_STR(r.src)},"dst":{_STR(r.dst)},"sport":{r.sport:d},"dport":{r.dport:d}}},'
-            f'"nat":{"true" if e.nat else "false"},')
-
-
-def json_line(e: FlowEvent) -> str:
-    """The documented JSON record of the event, one line: written out
-    directly, in less than half the time of building a dict and encoding it,
-    for the sinks that write every record of a busy host.  Its reference, the
-    dict encoded, is tests/reference/records.py (flow_record); the unit
-    tests compare the two."""
-    memo = e.memo
-    if memo is None:
-        identity = _json_identity(e)
-    else:
-        identity = memo.get(_JSON_IDENTITY)
-        if identity is None:
-            identity = memo[_JSON_IDENTITY] = _json_identity(e)
-    tcp_state = e.tcp_state_name
-    line = (f'{{"kind":{_STR(e.kind)},{identity}'
-            f'"packets_orig":{e.packets_orig:d},"bytes_orig":{e.bytes_orig:d},'
-            f'"packets_reply":{e.packets_reply:d},"bytes_reply":{e.bytes_reply:d},'
-            f'"delta_packets_orig":{e.delta_packets_orig:d},"delta_bytes_orig":{e.delta_bytes_orig:d},'
-            f'"delta_packets_reply":{e.delta_packets_reply:d},"delta_bytes_reply":{e.delta_bytes_reply:d},'
-            f'"start":{_nullable_time(e.start_ns)},"start_ns":{e.start_ns:d},'
-            f'"stop":{_nullable_time(e.stop_ns)},"stop_ns":{e.stop_ns:d},'
-            f'"timestamp":{_time(e.ts_ns)},"timestamp_ns":{e.ts_ns:d},'
-            f'"zone":{e.zone:d},"mark":{e.mark:d},"netns":{e.netns:d},"status":{e.status:d},'
-            f'"tcp_state":{_STR(tcp_state) if tcp_state else "null"},"flags":{_flags_json(e.flags)},'
-            f'"end_reason":{_END_REASON_JSON.get(e.end_reason, "null")},'
-            f'"labels":{_labels_json(e.labels) if e.labels else "{}"}')
-    if e.icmp is not None:
-        icmp_type, code, ident = e.icmp
-        line += f',"icmp":{{"type":{icmp_type:d},"code":{code:d},"id":{ident:d}}}'
-    return line + "}\n"
+# json_line(e) -> str: the documented JSON record of the event, one line,
+# "\n" included.  Compiled (conntracct/_jsonline.c): the stdout/file sink
+# writes every record of a busy host with it, and in Python it was the largest
+# single cost per finished flow (bench/README.md, issue 14).  It writes from
+# "flow_id" to "nat" (what only the flow's identity decides) once per flow,
+# kept in FlowEvent.memo under _JSON_IDENTITY, and takes the meaning of the
+# flags, end reasons and odd labels from here.  Its reference, the dict
+# encoded, is tests/reference/records.py (flow_record); the unit tests
+# compare the two.
+_jsonline.configure(_JSON_IDENTITY, _flags_json, _END_REASON_JSON, _labels_json, _STR)
+json_line: Callable[[FlowEvent], str] = _jsonline.json_line

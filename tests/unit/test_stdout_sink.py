@@ -122,7 +122,9 @@ def test_json_line_is_the_documented_record_encoded():
 
     encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
     rng = random.Random(3)
-    texts = ["outbound", 'quo"te', "back\\slash", "tab\there", "nl\n", "ünïcødé", "\x01", ""]
+    texts = ["outbound", 'quo"te', "back\\slash", "tab\there", "nl\n", "ünïcødé", "\x01", "", "\x7f\x1f\b\f\r",
+             "\u2028 𝄞", "lone \ud800 surrogate"]
+    counters = [0, 1, 2**32, 2**63 - 1, 2**63, 2**64 - 1]
     for _ in range(2000):
         labels = {rng.choice(texts): rng.choice(texts) for _ in range(rng.randrange(4))}
         if rng.random() < 0.05:
@@ -136,6 +138,7 @@ def test_json_line_is_the_documented_record_encoded():
                  zone=rng.randrange(3), mark=rng.choice([0, 2**32 - 1]), netns=rng.choice([0, 4026531840]),
                  status=rng.randrange(2**16), tcp_state=rng.randrange(12), flags=rng.randrange(128),
                  icmp=rng.choice([None, (8, 0, rng.randrange(65536))]), labels=labels)
+        e.packets_orig, e.bytes_reply, e.delta_bytes_orig = (rng.choice(counters) for _ in range(3))
         assert json_line(e) == encode(flow_record(e)) + "\n"
 
 

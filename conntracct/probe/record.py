@@ -13,9 +13,11 @@ from __future__ import annotations
 import collections
 import socket
 import struct
+from collections.abc import Callable
 from dataclasses import replace
 
 from ..flow import DESTROY, FLAG_FIRST_SIGHT, ICMP_PROTOS, NEW, FlowEvent, FlowTuple, flow_id
+from . import _decode
 from .layout import KEY_LAYOUT, RECORD_LAYOUT, STATE_LAYOUT, TUPLE_LAYOUT, prefixed
 
 TUPLE = TUPLE_LAYOUT.struct
@@ -65,19 +67,6 @@ _ADDR = {socket.AF_INET: _AddressText(socket.AF_INET, 4),
          socket.AF_INET6: _AddressText(socket.AF_INET6, 16)}
 # Network-order u16 -> host value, by table lookup.
 SWAP16 = tuple(((v & 0xFF) << 8) | (v >> 8) for v in range(65536))
-_new_tuple = tuple.__new__
-
-
-def _tuple(src: bytes, dst: bytes, src_u: int, dst_u: int, family: int, proto: int):
-    """(FlowTuple, icmp (type, code, id) or None) of one struct ct_tuple's fields."""
-    addr = _ADDR.get(family)
-    if addr is None:
-        raise ValueError(f"record with unknown address family {family}")
-    if proto in ICMP_PROTOS:
-        # dst_u holds type then code in memory order; src_u is the echo id.
-        return (_new_tuple(FlowTuple, (addr[src], addr[dst], 0, 0)),
-                (dst_u & 0xFF, dst_u >> 8, SWAP16[src_u]))
-    return _new_tuple(FlowTuple, (addr[src], addr[dst], SWAP16[src_u], SWAP16[dst_u])), None
 
 
 def pack_tuple(family: int, proto: int, src: bytes, dst: bytes, src_u: int, dst_u: int) -> bytes:
@@ -92,62 +81,24 @@ def mirror_tuple(raw: bytes) -> bytes:
     return TUPLE.pack(dst, src, dst_u, src_u, family, proto)
 
 
-# decode() runs for every record on the reader thread.  A flow's records
-# repeat its identity (tuples, netns, zone, mark, start), so what derives from
-# it alone -- the tuples as text, the flow id, and the FlowEvent.memo the sinks
-# share for it -- is worked out once per flow and memoised, bounded; the rest
-# comes from two small unpacks.
-_COUNTERS = struct.Struct("<" + RECORD_LAYOUT.format("ts", "status"))
-_TAIL = struct.Struct("<" + RECORD_LAYOUT.format("netns", "flags"))
+# decode(raw, wall_offset_ns) -> FlowEvent: one probe record (any buffer of
+# at least a struct flow_record); wall_offset_ns converts kernel monotonic
+# time.  Compiled (conntracct/probe/_decode.c, which includes bpf/record.h): it
+# runs for every record on the reader thread and for every flow end.  What a
+# value means stays defined here and is handed in.  A flow's records repeat
+# its identity (tuples, netns, zone, mark, start), so what derives from it alone
+# -- the tuples as text, the flow id, and the FlowEvent.memo the sinks share
+# for it -- is worked out once per flow and memoised in _flows, bounded.  The
+# same event as the reference decoder gives (tests/reference/record.py,
+# compared in tests/unit/test_decode.py); ValueError for an unknown address
+# family or a short record, KeyError for an unknown kind.
 _TAIL_AT = RECORD_LAYOUT.offset("netns")
-_TUPLES = struct.Struct("<" + RECORD_LAYOUT.format("orig", "reply", expand=True))
-_TUPLES_AT = RECORD_LAYOUT.offset("orig")
-_IDENTITY = RECORD_LAYOUT.span("orig", "zone")
 _ORIG = RECORD_LAYOUT.span("orig")
-_new = object.__new__
 FLOW_MEMO_LIMIT = 16384   # flows; past it the memo starts over (bounded memory)
 _flows: dict[bytes, tuple] = {}
-
-
-def _identity(raw: bytes, netns: int, zone: int, id_start: int) -> tuple:
-    """(id_start, flow id, family 4/6, protocol, orig, reply, icmp, memo) of a record."""
-    (osrc, odst, osrc_u, odst_u, ofamily, oproto,
-     rsrc, rdst, rsrc_u, rdst_u, rfamily, rproto) = _TUPLES.unpack_from(raw, _TUPLES_AT)
-    orig, icmp = _tuple(osrc, odst, osrc_u, odst_u, ofamily, oproto)
-    reply = _tuple(rsrc, rdst, rsrc_u, rdst_u, rfamily, rproto)[0]
-    fid = flow_id(raw[_ORIG], zone, netns, id_start)
-    return id_start, fid, AF_NUMBER[ofamily], oproto, orig, reply, icmp, {}
-
-
-def decode(raw: bytes, wall_offset_ns: int) -> FlowEvent:
-    """One probe record -> FlowEvent; wall_offset_ns converts kernel monotonic time.
-
-    The same event as the reference decoder gives (tests/reference/record.py,
-    compared in tests/unit/test_decode.py), in a fraction of the time.  The
-    event is filled field by field, without a call to the class: this is the
-    probe's per-record cost (bench/p2_pipeline.py), and the one place a
-    FlowEvent is made from probe data."""
-    if type(raw) is not bytes:
-        raw = bytes(raw)
-    e = _new(FlowEvent)
-    # Straight from the record's fields into the event's, by name.
-    (ts, e.start_ns, e.stop_ns, first_seen, e.packets_orig, e.packets_reply, e.bytes_orig, e.bytes_reply,
-     e.delta_packets_orig, e.delta_packets_reply, e.delta_bytes_orig, e.delta_bytes_reply,
-     e.status) = _COUNTERS.unpack_from(raw)
-    e.netns, e.mark, e.zone, kind, e.tcp_state, e.flags = _TAIL.unpack_from(raw, _TAIL_AT)
-    e.ts_ns = ts + wall_offset_ns
-    e.kind = KIND_CODES[kind]
-    key = raw[_IDENTITY]
-    id_start = e.start_ns or first_seen
-    known = _flows.get(key)
-    if known is None or known[0] != id_start:
-        known = _identity(raw, e.netns, e.zone, id_start)
-        if len(_flows) >= FLOW_MEMO_LIMIT:
-            _flows.clear()
-        _flows[key] = known
-    _, e.flow_id, e.family, e.proto, e.orig, e.reply, e.icmp, e.memo = known
-    e.labels = {}
-    return e
+_decode.configure(FlowEvent, FlowTuple, KIND_CODES, _ADDR[socket.AF_INET], _ADDR[socket.AF_INET6], ICMP_PROTOS,
+                  AF_NUMBER, flow_id, _flows, FLOW_MEMO_LIMIT)
+decode: Callable[[bytes, int], FlowEvent] = _decode.decode
 
 
 _U64 = (1 << 64) - 1

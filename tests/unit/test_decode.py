@@ -106,7 +106,7 @@ def test_decode_equals_its_reference_on_random_records():
         assert decode(bytearray(raw) + b"tail", offset) == reference_decode(raw, offset)
 
 
-def test_decode_memo_keeps_each_record_its_own_identity(monkeypatch):
+def test_decode_memo_keeps_each_record_its_own_identity():
     """Records of one flow share the memoised identity; a record whose start
     (or, without one, first sight) differs is another flow; the memo is bounded."""
     from conntracct.probe import record
@@ -118,11 +118,14 @@ def test_decode_memo_keeps_each_record_its_own_identity(monkeypatch):
                 for ts, start, first_seen, mark, kind in [
                     (5, 1_000, 4, 0, 1), (6, 1_000, 4, 0, 2), (7, 1_000, 9, 0, 3), (8, 2_000, 4, 0, 1),
                     (9, 0, 4, 0, 1), (10, 0, 1_000, 0, 2), (11, 0, 4, 7, 2), (12, 1_000, 4, 7, 3)]]
-    monkeypatch.setattr(record, "FLOW_MEMO_LIMIT", 3)
-    for _ in range(2):
-        for raw in variants:
-            assert decode(raw, 1) == reference_decode(raw, 1)
-    assert len(record._flows) <= 3
+    record._decode.set_memo_limit(3)
+    try:
+        for _ in range(2):
+            for raw in variants:
+                assert decode(raw, 1) == reference_decode(raw, 1)
+        assert 0 < len(record._flows) <= 3
+    finally:
+        record._decode.set_memo_limit(record.FLOW_MEMO_LIMIT)
 
 
 def test_decode_errors_are_the_reference_errors():

@@ -52,7 +52,7 @@ STAGES = [
                                   "socket.recv_into", "recv_into (", "BatchReceiver.receive")),
     ("ctnetlink: parse events", ("DestroyEvents.read",)),
     ("DESTROY event from a ctnetlink entry (tuples, key, record packed, decoded)",
-     ("FlowSource._destroy_event", "FlowEnds._destroy_event")),
+     ("FlowEnds._destroy_event",)),
     ("ring record: decode and dispatch (NEW/UPDATE)", ("FlowSource._on_record",)),
     ("first-sight NEW, delivery counters", ("FlowSource._deliver",)),
     ("enrichment", ("Enricher.__call__",)),

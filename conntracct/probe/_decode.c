@@ -30,7 +30,6 @@ typedef uint64_t u64;
 static PyTypeObject *event_type;   /* FlowEvent (slots) */
 static PyTypeObject *tuple_type;   /* FlowTuple (a namedtuple) */
 static PyObject *kind_names;       /* dict: kind code -> name */
-static PyObject *icmp_protos;      /* container of the ICMP protocol numbers */
 static PyObject *family_number;    /* dict: AF_* -> 4 or 6 */
 static PyObject *flow_id;          /* callable: (orig bytes, zone, netns, start) -> int */
 static PyObject *flows;            /* dict: identity bytes -> identity tuple (the memo) */
@@ -199,26 +198,11 @@ static PyObject *event_from(const struct flow_record *r, const char *raw, PyObje
     return e;
 }
 
-static PyObject *decode(PyObject *module, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
-    static const char *names[] = {"raw", "wall_offset_ns"};
-    PyObject *given[2] = {nargs > 0 ? args[0] : NULL, nargs > 1 ? args[1] : NULL};
-    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    for (Py_ssize_t k = 0; k < nkw && nargs <= 2; k++) {
-        int at = -1;
-        for (int i = 0; i < 2; i++)
-            if (PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, k), names[i]) == 0)
-                at = i;
-        if (at < 0 || given[at]) {
-            nargs = 3;     /* unknown or repeated: the error below */
-            break;
-        }
-        given[at] = args[nargs + k];
-    }
-    if (nargs > 2 || !given[0] || !given[1]) {
+static PyObject *decode(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "decode(raw, wall_offset_ns) takes exactly these two arguments");
         return NULL;
     }
-    args = given;
     if (!event_type) {
         PyErr_SetString(PyExc_RuntimeError, "decode: configure() was not called");
         return NULL;
@@ -279,8 +263,8 @@ static PyObject *configure(PyObject *module, PyObject *args) {
     }
     memcpy(is_icmp, icmp_table, sizeof is_icmp);
     PyObject **slots[] = {(PyObject **)&event_type, (PyObject **)&tuple_type, &kind_names, &addresses[0],
-                          &addresses[1], &icmp_protos, &family_number, &flow_id, &flows};
-    PyObject *values[] = {event, tuple, kinds, addr4, addr6, icmp, families, fid, memo};
+                          &addresses[1], &family_number, &flow_id, &flows};
+    PyObject *values[] = {event, tuple, kinds, addr4, addr6, families, fid, memo};
     for (size_t i = 0; i < sizeof values / sizeof values[0]; i++)
         Py_XSETREF(*slots[i], Py_NewRef(values[i]));
     memo_limit = limit;
@@ -296,7 +280,7 @@ static PyObject *set_memo_limit(PyObject *module, PyObject *arg) {
 }
 
 static PyMethodDef methods[] = {
-    {"decode", (PyCFunction)(void (*)(void))decode, METH_FASTCALL | METH_KEYWORDS,
+    {"decode", (PyCFunction)(void (*)(void))decode, METH_FASTCALL,
      "decode(raw, wall_offset_ns) -> FlowEvent of one struct flow_record."},
     {"configure", configure, METH_VARARGS,
      "configure(FlowEvent, FlowTuple, kind_names, ipv4_texts, ipv6_texts, icmp_protos, family_numbers, "

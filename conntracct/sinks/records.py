@@ -56,16 +56,6 @@ def _flags_json(flags: int) -> str:
     return _ENCODE(flag_names(flags))
 
 
-def _time(ns: int) -> str:
-    """'"<rfc3339(ns)>"', quoted (its characters need no escaping)."""
-    second, frac = divmod(ns, 1_000_000_000)
-    return f'"{utc_second(second)}.{frac:09d}Z"'
-
-
-def _nullable_time(ns: int) -> str:
-    return _time(ns) if ns else "null"
-
-
 def _labels_json(labels: dict) -> str:
     try:
         return "{" + ",".join([_STR(key) + ":" + _STR(value) for key, value in labels.items()]) + "}"

@@ -25,7 +25,7 @@ def raw_record(orig, reply, kind=1, flags=0, start=1_700_000_000_000_000_000, zo
 def test_ipv4_tcp_record_with_nat():
     orig = pack_tuple(socket.AF_INET, 6, V4_A, V4_B, 40000, 80)
     reply = pack_tuple(socket.AF_INET, 6, V4_B, V4_NAT, 80, 40000)
-    e = decode(raw_record(orig, reply), wall_offset_ns=1_000)
+    e = decode(raw_record(orig, reply), 1_000)
     assert (e.kind, e.family, e.proto, e.proto_name) == (NEW, 4, 6, "tcp")
     assert e.orig == ("192.0.2.2", "198.51.100.2", 40000, 80)
     assert e.reply == ("198.51.100.2", "198.51.100.1", 80, 40000)

@@ -147,7 +147,7 @@ def tracefs() -> None:
 def venv() -> None:
     stamp = VENV / ".installed"
     # The install builds the package's C extension too: a change to it reinstalls.
-    sources = [ROOT / "pyproject.toml", *sorted((ROOT / "conntracct").glob("*.c"))]
+    sources = [ROOT / "pyproject.toml", *sorted((ROOT / "conntracct").rglob("*.c"))]
     want = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()
     if stamp.exists() and stamp.read_text() == want:
         return

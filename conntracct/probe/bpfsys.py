@@ -1,6 +1,8 @@
-"""bpf(2) calls BCC 0.26 has no API for: netfilter links (Linux 6.4+),
-single-syscall lookup-and-delete of a hash map entry (5.14+) and syscall
-programs run over mapped arrays (5.14+).
+"""The bpf(2) and perf_event_open(2) calls the agent makes itself, BCC
+being only its compiler (probe/compiler.py): map reads and writes,
+netfilter links (Linux 6.4+), kprobe attachment, single-syscall
+lookup-and-delete of a hash map entry (5.14+) and syscall programs run
+over mapped arrays (5.14+).
 
 A netfilter link lives in the network namespace of the thread that creates
 it and is removed when its file descriptor is closed.
@@ -18,6 +20,7 @@ from pathlib import Path
 
 BPF_PROG_TYPE_NETFILTER = 32
 BPF_NETFILTER = 45
+_BPF_MAP_LOOKUP_ELEM, _BPF_MAP_UPDATE_ELEM, _BPF_MAP_GET_NEXT_KEY = 1, 2, 4
 _BPF_OBJ_GET_INFO_BY_FD = 15
 _BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
 _BPF_LINK_CREATE = 28
@@ -70,6 +73,9 @@ class _InfoAttr(ctypes.Structure):
 # stable UAPI struct (since Linux 5.1); the rest is not needed.
 _PROG_INFO_SIZE = 232
 _RUN_TIME_AT, _RUN_CNT_AT = 192, 200
+# struct bpf_map_info: type, id, key_size, value_size, max_entries, ...
+_MAP_INFO_SIZE = 80
+_MAX_ENTRIES_AT = 16
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -111,6 +117,59 @@ class MapEntryTaker:
                 return None
             raise OSError(err, f"bpf map lookup-and-delete: {os.strerror(err)}")
         return self._value.raw
+
+
+def update_elem(map_fd: int, key: bytes, value: bytes) -> None:
+    """Set one map element (BPF_ANY)."""
+    k, v = ctypes.create_string_buffer(key, len(key)), ctypes.create_string_buffer(value, len(value))
+    ret, err = _bpf(_BPF_MAP_UPDATE_ELEM, _MapElemAttr(map_fd=map_fd, key=ctypes.addressof(k),
+                                                       value=ctypes.addressof(v)))
+    if ret < 0:
+        raise OSError(err, f"bpf map update: {os.strerror(err)}")
+
+
+def lookup_elem(map_fd: int, key: bytes, value_size: int) -> bytes | None:
+    """One map element's value (value_size: per-CPU maps return one per possible CPU); None if absent."""
+    k, v = ctypes.create_string_buffer(key, len(key)), ctypes.create_string_buffer(value_size)
+    ret, err = _bpf(_BPF_MAP_LOOKUP_ELEM, _MapElemAttr(map_fd=map_fd, key=ctypes.addressof(k),
+                                                       value=ctypes.addressof(v)))
+    if ret < 0:
+        if err == 2:   # ENOENT
+            return None
+        raise OSError(err, f"bpf map lookup: {os.strerror(err)}")
+    return v.raw
+
+
+def map_keys(map_fd: int, key_size: int) -> list[bytes]:
+    """Every key of a hash map, walked with BPF_MAP_GET_NEXT_KEY."""
+    key, next_key = ctypes.create_string_buffer(key_size), ctypes.create_string_buffer(key_size)
+    attr = _MapElemAttr(map_fd=map_fd, key=0, value=ctypes.addressof(next_key))   # key 0: the first
+    out: list[bytes] = []
+    while True:
+        ret, err = _bpf(_BPF_MAP_GET_NEXT_KEY, attr)
+        if ret < 0:
+            if err == 2:   # ENOENT: past the last
+                return out
+            raise OSError(err, f"bpf map get next key: {os.strerror(err)}")
+        out.append(next_key.raw)
+        ctypes.memmove(key, next_key, key_size)
+        attr.key = ctypes.addressof(key)
+
+
+def possible_cpus() -> int:
+    """How many values a per-CPU map element has: the possible CPUs (e.g. "0-3"), as the kernel counts them."""
+    text = Path("/sys/devices/system/cpu/possible").read_text().strip()
+    return max(int(part.split("-")[-1]) for part in text.split(",")) + 1
+
+
+def map_max_entries(map_fd: int) -> int:
+    """A map's max_entries (for a ring buffer: its data size in bytes)."""
+    info = ctypes.create_string_buffer(_MAP_INFO_SIZE)
+    attr = _InfoAttr(bpf_fd=map_fd, info_len=_MAP_INFO_SIZE, info=ctypes.addressof(info))
+    ret, err = _bpf(_BPF_OBJ_GET_INFO_BY_FD, attr)
+    if ret < 0:
+        raise OSError(err, f"bpf map info: {os.strerror(err)}")
+    return int.from_bytes(info.raw[_MAX_ENTRIES_AT:_MAX_ENTRIES_AT + 4], "little")
 
 
 def prog_run_stats(prog_fd: int) -> tuple[int, int]:

@@ -17,7 +17,7 @@ from .enrich import Enricher
 from .flow import FlowEvent
 from .pipeline import Pipeline
 from .probe import bpfsys
-from .probe.footprint import release_compiler_memory
+from .probe.footprint import release_startup_memory
 from .probe.loader import ProbeError, ProbeSettings
 from .probe.modes import choose_mode
 from .probe.source import FlowSource
@@ -44,8 +44,8 @@ def tune_garbage_collector() -> None:
     reference cycles per record, so what is left for the collector to find
     is rare (an exception's traceback) and bounded by the threshold; the
     agent's RSS under 3,000 new flows/s stayed the same (112 MB after 40 s).
-    Called before release_compiler_memory(): collecting start-up garbage can
-    run BCC's LLVM code again and page it back in (+70 MB when called after)."""
+    Called before release_startup_memory(), which then trims what the
+    collection freed."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(GC_YOUNG_THRESHOLD, 20, 100)
@@ -142,8 +142,8 @@ class Agent:
                     cause = instance.busy_cause(netns.inode(), bpfsys.PRIORITY_AFTER_CONNTRACK)
                 raise EnvironmentProblem(f"{e}: {cause}") from None
             raise EnvironmentProblem(f"{e}. `conntracct check` shows what this kernel allows.") from None
-        tune_garbage_collector()    # first: see its docstring
-        release_compiler_memory()   # BCC's LLVM is not needed once the probe is attached
+        tune_garbage_collector()    # first: its collection frees what the release then trims
+        release_startup_memory()
 
     def _wanted_kinds(self) -> frozenset[str] | None:
         """The record kinds some sink wants (the source skips the others); all with a consumer."""

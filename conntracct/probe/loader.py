@@ -1,20 +1,23 @@
-"""Compile the C probe with BCC, attach it in one mode, and read its records."""
+"""Build the C probe (BCC, in a child: compiler.py), attach it in one mode, and read its records."""
 
 from __future__ import annotations
 
-import ctypes
+import errno
 import logging
 import os
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import ATTACH_MODES, ProbeConfig
 from . import bpfsys
+from ._ring import Ring
 from .btf import kernel_btf
+from .compiler import Compiled, CompileError, Request, bcc_version, compile_and_load
 from .layout import DEFINES, STRUCTS
 from .offsets import kernel_offsets
-from .record import FLOW_KEY, FLOW_STATE, RECORD, STAT_NAMES, FlowState
+from .record import FLOW_KEY, FLOW_STATE, STAT_NAMES, FlowState
 
 log = logging.getLogger(__name__)
 
@@ -44,16 +47,27 @@ class ProbeError(Exception):
     """The probe could not be compiled, loaded or attached; the message says why."""
 
 
-def explain(e: BaseException) -> str:
-    """BCC's error as one line a user can act on."""
-    text = (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
+def lockdown_refusal() -> str:
+    """An EPERM for root: the kernel itself refused (lockdown, or no BPF trampolines)."""
+    lockdown = Path("/sys/kernel/security/lockdown")
+    why = (f"lockdown: {lockdown.read_text().strip()}" if lockdown.exists()
+           else "kernel lockdown or no BPF trampolines?")
+    return f"the kernel refused to load it (EPERM) although running as root ({why})"
+
+
+def explain(text: str) -> str:
+    """BCC's words for a failure (its last line), as one line a user can act on."""
+    text = (text.strip().splitlines() or ["unknown error"])[-1][:200]
     if "super-user" in text and os.geteuid() == 0:
-        # BCC's words for any EPERM; as root that is the kernel's refusal.
-        lockdown = Path("/sys/kernel/security/lockdown")
-        why = (f"lockdown: {lockdown.read_text().strip()}" if lockdown.exists()
-               else "kernel lockdown or no BPF trampolines?")
-        text = f"the kernel refused to load it (EPERM) although running as root ({why})"
+        return lockdown_refusal()   # BCC's words for any EPERM; as root that is the kernel's refusal
     return text
+
+
+def refused(err: OSError) -> str:
+    """A bpf() or perf_event_open() refusal as one line a user can act on."""
+    if err.errno == errno.EPERM and os.geteuid() == 0:
+        return lockdown_refusal()
+    return err.strerror or str(err)
 
 
 @dataclass(frozen=True)
@@ -104,7 +118,6 @@ def fentry_unreachable(destroy: str) -> str | None:
     in vmlinux BTF only; a function of a module (nf_conntrack built as one, its
     functions described by split BTF) needs BCC's MODULE_KFUNC_PROBE
     (iovisor/bcc#4597, 2023), which this probe does not use."""
-    import bcc
     btf = kernel_btf()
     homes = {name: btf.func_origin(name) for name in (REFRESH_FUNC, destroy)}
     missing = [name for name, home in homes.items() if home is None]
@@ -116,41 +129,8 @@ def fentry_unreachable(destroy: str) -> str | None:
         return None
     names = " and ".join(name for name, home in homes.items() if home != "vmlinux")
     return (f"{names} {'are' if ' and ' in names else 'is'} in module {', '.join(in_modules)}, not vmlinux: "
-            f"BCC {getattr(bcc, '__version__', '?')} cannot reach a module function with fentry/fexit "
+            f"BCC {bcc_version()} cannot reach a module function with fentry/fexit "
             "(it looks targets up in vmlinux BTF only)")
-
-
-TRACEFS = Path("/sys/kernel/tracing")
-
-
-def has_kprobe_events() -> bool:
-    """Whether tracefs offers kprobe_events.  Tracefs is root's (mode 0700): an agent
-    running with capabilities instead of root cannot look in, so a refusal means
-    it is there (the attach goes through the kprobe PMU anyway)."""
-    for path in (TRACEFS / "kprobe_events", Path("/sys/kernel/debug/tracing/kprobe_events")):
-        try:
-            if path.exists():
-                return True
-        except PermissionError:
-            return True
-    return False
-
-
-def ensure_tracefs() -> None:
-    """BCC attaches kprobes through the perf PMU but detaches them through
-    tracefs (kprobe_events), and fails without it.  `ip netns exec` remounts
-    /sys for the namespace, leaving /sys/kernel/tracing empty: mount tracefs
-    there (in the caller's mount namespace, private under `ip netns exec`)."""
-    if has_kprobe_events():
-        return
-    if not TRACEFS.is_dir() or os.path.ismount(TRACEFS):
-        return      # no tracefs, or one without kprobes: the attach error says so
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.mount(b"tracefs", str(TRACEFS).encode(), b"tracefs", 0, None) != 0:
-        err = ctypes.get_errno()
-        log.warning("cannot mount tracefs at %s (%s): kprobes cannot be detached", TRACEFS, os.strerror(err))
-    else:
-        log.info("mounted tracefs at %s (BCC needs it for kprobes)", TRACEFS)
 
 
 def wall_offset_ns() -> int:
@@ -168,23 +148,45 @@ def cflags(mode: str, settings: ProbeSettings, destroy: str = DESTROY_FUNCS[0]) 
     return flags
 
 
-def compile_probe(mode: str, settings: ProbeSettings, destroy: str = DESTROY_FUNCS[0]):
-    """BCC-compile the probe for one mode (fentry programs attach on load)."""
-    from bcc import BPF
+# Each mode's programs: (function, program type, expected attach type or -1).
+# fentry's are BCC's KFUNC_PROBE/KRETFUNC_PROBE, which it loads and attaches as it compiles.
+MODE_PROGRAMS = {
+    "netfilter": [("netfilter_hook", bpfsys.BPF_PROG_TYPE_NETFILTER, bpfsys.BPF_NETFILTER)],
+    "kprobe": [(name, bpfsys.BPF_PROG_TYPE_KPROBE, -1) for name in ("refresh_enter", "refresh_return", "flow_destroy")],
+    "fentry": [],
+}
+# netfilter mode's flow ends: the syscall program that takes flow states in batches, and its arrays.
+BATCH_PROGRAM = "take_flow_states"
+MAPS = {mode: ["records", "flows", "stats", "settings"] + (["take_keys", "take_slots"] if mode == "netfilter" else [])
+        for mode in MODES}
+RING_TAKE_LIMIT = 4096     # records per Ring.take(): bounds the list a backlog makes at once
+
+
+def kprobe_targets(destroy: str) -> dict[str, tuple[str, bool]]:
+    """kprobe mode: each program's kernel function, and whether it runs at its return."""
+    return {"refresh_enter": (REFRESH_FUNC, False), "refresh_return": (REFRESH_FUNC, True),
+            "flow_destroy": (destroy, False)}
+
+
+def compile_probe(mode: str, settings: ProbeSettings, destroy: str = DESTROY_FUNCS[0]) -> Compiled:
+    """BCC-compile the probe for one mode and load its programs (fentry's attach as they load)."""
     if mode == "fentry":
         why = fentry_unreachable(destroy)
         if why:
             raise ProbeError(f"fentry probe: {why}")
+    request = Request(source=str(PROBE_SOURCE), cflags=cflags(mode, settings, destroy),
+                      programs=MODE_PROGRAMS[mode], maps=MAPS[mode], autoattached=mode == "fentry",
+                      sleepable=[(BATCH_PROGRAM, bpfsys.BPF_PROG_TYPE_SYSCALL)] if mode == "netfilter" else [])
     try:
-        return BPF(src_file=str(PROBE_SOURCE).encode(), cflags=cflags(mode, settings, destroy))
-    except Exception as e:   # BCC raises bare Exception for compile and attach failures
-        raise ProbeError(f"{mode} probe: {explain(e)}") from None
+        return compile_and_load(request)
+    except (CompileError, OSError) as e:
+        raise ProbeError(f"{mode} probe: {explain(str(e))}") from None
 
 
 class Probe:
     """The attached probe, in typed calls: consume() hands each raw record
     to `on_record`; the per-flow state map, the counters and the programs
-    are read through the methods below (nobody else touches BCC's tables)."""
+    are read through the methods below (nobody else touches its maps)."""
 
     def __init__(self, mode: str, settings: ProbeSettings, on_record, stamped_since_start: bool,
                  quiet_kinds: bytes = b""):
@@ -192,85 +194,70 @@ class Probe:
             raise ProbeError(f"unknown probe mode '{mode}'")
         self.mode = mode
         self._links: list[int] = []
+        self._ring: Ring | None = None
         self._batch_taker: bpfsys.BatchTaker | None = None
+        self._on_record = on_record
         self.wall_offset_ns = wall_offset_ns()
-        self._bpf = None
         destroy = destroy_func() if mode != "netfilter" else DESTROY_FUNCS[0]
-        self._bpf = compile_probe(mode, settings, destroy)
+        self._loaded = compile_probe(mode, settings, destroy)
+        maps = self._loaded.maps
         try:
             self._configure(stamped_since_start, quiet_kinds)
             self._attach(destroy)
-            self._records = self._bpf["records"]
-            self.ring_fd = self._records.map_fd
-            self._records.open_ring_buffer(self._callback_for(on_record))
+            self.ring_fd = maps["records"]
+            self._ring = Ring(self.ring_fd, bpfsys.map_max_entries(self.ring_fd))
         except Exception:
             self.close()
             raise
-        self._stats = self._bpf["stats"]
-        self._flows = self._bpf["flows"]
-        self._taker = bpfsys.MapEntryTaker(self._flows.map_fd, FLOW_KEY.size, FLOW_STATE.size)
+        self._stats_size = 8 * bpfsys.possible_cpus()
+        self._taker = bpfsys.MapEntryTaker(maps["flows"], FLOW_KEY.size, FLOW_STATE.size)
         self._batch_taker = self._load_batch_taker() if mode == "netfilter" else None
 
     # -- set-up ---------------------------------------------------------------
     def _configure(self, stamped_since_start: bool, quiet_kinds: bytes) -> None:
         """quiet_kinds: the kind codes (NEW, UPDATE) no sink wants, of which the probe writes no record."""
-        settings = self._bpf["settings"]
-        settings[ctypes.c_int(SET_QUIET_KINDS)] = ctypes.c_uint64(sum(1 << k for k in set(quiet_kinds)))
-        settings[ctypes.c_int(SET_WALL_OFFSET)] = ctypes.c_uint64(self.wall_offset_ns)
-        settings[ctypes.c_int(SET_AGENT_START)] = ctypes.c_uint64(time.time_ns())
-        settings[ctypes.c_int(SET_STAMPED_SINCE_START)] = ctypes.c_uint64(int(stamped_since_start))
+        values = {SET_QUIET_KINDS: sum(1 << k for k in set(quiet_kinds)), SET_WALL_OFFSET: self.wall_offset_ns,
+                  SET_AGENT_START: time.time_ns(), SET_STAMPED_SINCE_START: int(stamped_since_start)}
+        for index, value in values.items():
+            bpfsys.update_elem(self._loaded.maps["settings"], struct.pack("<I", index), struct.pack("<Q", value))
 
     def _attach(self, destroy: str) -> None:
-        b = self._bpf
+        programs = self._loaded.programs
         try:
             if self.mode == "netfilter":
-                fn = b.load_func(b"netfilter_hook", bpfsys.BPF_PROG_TYPE_NETFILTER,
-                                 attach_type=bpfsys.BPF_NETFILTER)
                 for family, hook in bpfsys.PROBE_HOOKS:
-                    self._links.append(bpfsys.link_netfilter(fn.fd, family, hook))
-            elif self.mode == "kprobe" and bpfsys.has_kprobe_pmu():
-                for function, program, retprobe in ((REFRESH_FUNC, b"refresh_enter", False),
-                                                    (REFRESH_FUNC, b"refresh_return", True),
-                                                    (destroy, b"flow_destroy", False)):
-                    fn = b.load_func(program, bpfsys.BPF_PROG_TYPE_KPROBE)
-                    self._links.append(bpfsys.attach_kprobe(fn.fd, function, retprobe))
-            elif self.mode == "kprobe":     # no kprobe PMU (before 4.17): BCC's tracefs path
-                ensure_tracefs()
-                b.attach_kprobe(event=REFRESH_FUNC.encode(), fn_name=b"refresh_enter")
-                b.attach_kretprobe(event=REFRESH_FUNC.encode(), fn_name=b"refresh_return")
-                b.attach_kprobe(event=destroy.encode(), fn_name=b"flow_destroy")
+                    self._links.append(bpfsys.link_netfilter(programs["netfilter_hook"], family, hook))
+            elif self.mode == "kprobe":
+                if not bpfsys.has_kprobe_pmu():
+                    raise OSError(errno.ENOTSUP, "no kprobe PMU (Linux 4.17+)")
+                for program, (function, retprobe) in kprobe_targets(destroy).items():
+                    self._links.append(bpfsys.attach_kprobe(programs[program], function, retprobe))
             # fentry programs were attached by BCC when it loaded them.
-        except Exception as e:
-            raise ProbeError(f"{self.mode} probe: attach failed: {explain(e)}") from None
+        except OSError as e:
+            raise ProbeError(f"{self.mode} probe: attach failed: {refused(e)}") from None
 
     def _load_batch_taker(self) -> bpfsys.BatchTaker | None:
         """The take_flow_states program and its arrays (netfilter mode: the
-        agent ends flows); None, and a flow at a time, if the kernel refuses it."""
-        slot = STRUCTS["take_slot"]
-        try:
-            fd = bpfsys.load_program(bpfsys.BPF_PROG_TYPE_SYSCALL, self._bpf.dump_func(b"take_flow_states"),
-                                     b"take_flow_states", bpfsys.BPF_F_SLEEPABLE)
-        except OSError as e:
-            log.info("flow states taken one syscall per flow: the batch program was refused (%s)", e)
+        agent ends flows); None, and a flow at a time, if the kernel refused it."""
+        if BATCH_PROGRAM in self._loaded.refused:
+            log.info("flow states taken one syscall per flow: the batch program was refused (%s)",
+                     self._loaded.refused[BATCH_PROGRAM])
             return None
-        self._links.append(fd)    # closed with the probe
-        return bpfsys.BatchTaker(fd, self._bpf["take_keys"].map_fd, self._bpf["take_slots"].map_fd,
+        slot, maps = STRUCTS["take_slot"], self._loaded.maps
+        return bpfsys.BatchTaker(self._loaded.programs[BATCH_PROGRAM], maps["take_keys"], maps["take_slots"],
                                  DEFINES["TAKE_BATCH"], FLOW_KEY.size, FLOW_STATE.size,
                                  slot.offset("found"), slot.size)
-
-    @staticmethod
-    def _callback_for(on_record):
-        size = RECORD.size
-
-        def callback(_ctx, data, _size):
-            on_record(ctypes.string_at(data, size))
-            return 0
-        return callback
 
     # -- running --------------------------------------------------------------
     def consume(self) -> None:
         """Hand over every record queued now, without waiting."""
-        self._bpf.ring_buffer_consume()
+        take, on_record = self._ring.take, self._on_record
+        while True:
+            batch = take(RING_TAKE_LIMIT)
+            for raw in batch:
+                on_record(raw)
+            if len(batch) < RING_TAKE_LIMIT:
+                return
 
     def take_flow_state(self, key: bytes) -> FlowState | None:
         """Remove a flow's kernel-side state (key: a struct flow_key) and return it."""
@@ -291,29 +278,33 @@ class Probe:
 
     def flow_keys(self) -> list[bytes]:
         """The keys (struct flow_key) of every flow the probe holds state for."""
-        return [bytes(k) for k in self._flows.keys()]
+        return bpfsys.map_keys(self._loaded.maps["flows"], FLOW_KEY.size)
 
     def stats(self) -> dict[str, int]:
+        """The probe's counters (a per-CPU array: each summed over the CPUs)."""
         out = {}
         for i, name in enumerate(STAT_NAMES):
-            out[name] = int(sum(self._stats[ctypes.c_int(i)]))
+            raw = bpfsys.lookup_elem(self._loaded.maps["stats"], struct.pack("<I", i), self._stats_size) or b""
+            out[name] = sum(v for (v,) in struct.iter_unpack("<Q", raw))
         return out
 
     def program_stats(self) -> dict[str, dict[str, int]]:
         """Per attached program: run count and run time (kernel.bpf_stats_enabled=1)."""
         out = {}
-        for name, fn in self._bpf.funcs.items():
-            runs, ns = bpfsys.prog_run_stats(fn.fd)
-            out[name.decode() if isinstance(name, bytes) else name] = {"run_cnt": runs, "run_time_ns": ns}
+        for name, fd in self._loaded.programs.items():
+            if name != BATCH_PROGRAM:
+                runs, ns = bpfsys.prog_run_stats(fd)
+                out[name] = {"run_cnt": runs, "run_time_ns": ns}
         return out
 
     def close(self) -> None:
         if self._batch_taker is not None:
             self._batch_taker.close()
             self._batch_taker = None
+        if self._ring is not None:
+            self._ring.close()
+            self._ring = None
         for fd in self._links:
             os.close(fd)
         self._links.clear()
-        if self._bpf is not None:
-            self._bpf.cleanup()
-            self._bpf = None
+        self._loaded.close()

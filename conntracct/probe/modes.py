@@ -14,7 +14,8 @@ from pathlib import Path
 from .. import instance, netns, privileges
 from . import bpfsys
 from .btf import BTFError, kernel_btf
-from .loader import DESTROY_FUNCS, MODES, REFRESH_FUNC, ensure_tracefs, explain, fentry_unreachable, has_kprobe_events
+from .compiler import bcc_installed, bcc_version
+from .loader import DESTROY_FUNCS, MODES, REFRESH_FUNC, fentry_unreachable, refused
 from .offsets import kernel_offsets
 
 # Cheapest per packet first.
@@ -28,26 +29,6 @@ class Check:
     detail: str
 
 
-@contextlib.contextmanager
-def quiet_stderr():
-    """Keep libbcc/libbpf's own messages (written to fd 2) out of our output."""
-    saved = os.dup(2)
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        os.dup2(devnull, 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-        os.close(devnull)
-
-
-def _quiet_bpf(text: str):
-    from bcc import BPF
-    with quiet_stderr():
-        return BPF(text=text.encode())
-
-
 def check_privileges() -> Check:
     """The capabilities the agent needs (measured: conntracct/privileges.py), not root as such."""
     lacking = privileges.problem(None)
@@ -57,12 +38,11 @@ def check_privileges() -> Check:
 
 
 def check_bcc() -> Check:
-    try:
-        import bcc
-    except ImportError:
+    """BCC is found, not imported: only the compiler child loads it (compiler.py)."""
+    if not bcc_installed():
         return Check("bcc", False, "python3 module 'bcc' not found: install Debian's python3-bpfcc "
                                    "(./tasks.py setup does), and run from a venv with system site packages")
-    return Check("bcc", True, f"BCC {getattr(bcc, '__version__', '?')}")
+    return Check("bcc", True, f"BCC {bcc_version()}")
 
 
 def header_tree() -> Path:
@@ -88,16 +68,6 @@ def check_btf() -> Check:
     modular = Path("/sys/kernel/btf/nf_conntrack").exists()
     return Check("btf", True, "/sys/kernel/btf/vmlinux" + (" + nf_conntrack (split)" if modular else "")
                  + ": conntrack offsets resolved")
-
-
-def refused(err: OSError) -> str:
-    """A bpf() refusal as one line a user can act on (as loader.explain words BCC's)."""
-    if err.errno == errno.EPERM and os.geteuid() == 0:
-        lockdown = Path("/sys/kernel/security/lockdown")
-        why = (f"lockdown: {lockdown.read_text().strip()}" if lockdown.exists()
-               else "kernel lockdown or no BPF trampolines?")
-        return f"the kernel refused to load it (EPERM) although running as root ({why})"
-    return err.strerror or str(err)
 
 
 @contextlib.contextmanager
@@ -142,30 +112,15 @@ def try_fentry() -> Check:
 
 def try_kprobe() -> Check:
     if not bpfsys.has_kprobe_pmu():
-        ensure_tracefs()
-        if has_kprobe_events():
-            return _try_kprobe_bcc()    # no kprobe PMU (before 4.17): BCC's tracefs path
-        return Check("kprobe", False, f"kprobe on {REFRESH_FUNC}: no kprobe PMU and no kprobe_events "
-                                      "(kernel built without CONFIG_KPROBES?)")
+        # Before Linux 4.17 kprobes attach through tracefs only; the probe's ring buffer needs 5.8 anyway.
+        return Check("kprobe", False, f"kprobe on {REFRESH_FUNC}: no kprobe PMU "
+                                      "(kernel built without CONFIG_KPROBES, or older than 4.17)")
     try:
         with _closing() as fds:
             fds.append(bpfsys.load_trivial(bpfsys.BPF_PROG_TYPE_KPROBE))
             fds.append(bpfsys.attach_kprobe(fds[0], REFRESH_FUNC))
     except OSError as e:
         return Check("kprobe", False, f"kprobe on {REFRESH_FUNC}: {refused(e)}")
-    return Check("kprobe", True, f"kprobe on {REFRESH_FUNC} attaches")
-
-
-def _try_kprobe_bcc() -> Check:
-    try:
-        b = _quiet_bpf("int probe(void *ctx) { return 0; }")
-        try:
-            with quiet_stderr():
-                b.attach_kprobe(event=REFRESH_FUNC.encode(), fn_name=b"probe")
-        finally:
-            b.cleanup()
-    except Exception as e:
-        return Check("kprobe", False, f"kprobe on {REFRESH_FUNC}: {explain(e)}")
     return Check("kprobe", True, f"kprobe on {REFRESH_FUNC} attaches")
 
 

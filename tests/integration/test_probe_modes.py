@@ -16,13 +16,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from bcc import BPF
 
 from conntracct import netns
 from conntracct.config import ProbeConfig
+from conntracct.probe import loader
 from conntracct.probe.btf import kernel_btf
 from conntracct.probe.loader import (
+    BATCH_PROGRAM,
     DESTROY_FUNCS,
+    MAPS,
     MODES,
     REFRESH_FUNC,
     Probe,
@@ -45,22 +47,25 @@ def conntrack_is_a_module() -> bool:
 
 
 def test_kprobe_entry_points_pass_the_verifier():
-    b = compile_probe("kprobe", ProbeSettings.from_config(), DESTROY_FUNCS[0])
+    loaded = compile_probe("kprobe", ProbeSettings.from_config(), DESTROY_FUNCS[0])
     try:
-        for name in (b"refresh_enter", b"refresh_return", b"flow_destroy"):
-            assert b.load_func(name, BPF.KPROBE).fd > 0
+        assert set(loaded.programs) == {"refresh_enter", "refresh_return", "flow_destroy"}
+        assert all(fd > 0 for fd in loaded.programs.values())
+        assert set(loaded.maps) == set(MAPS["kprobe"]) and not loaded.links
     finally:
-        b.cleanup()
+        loaded.close()
 
 
 def test_netfilter_entry_point_loads():
-    b = compile_probe("netfilter", ProbeSettings.from_config())
+    loaded = compile_probe("netfilter", ProbeSettings.from_config())
     try:
         if not try_netfilter().ok:
             pytest.skip(f"compiled; this kernel has no BPF netfilter programs: {try_netfilter().detail}")
-        assert b.load_func(b"netfilter_hook", 32, attach_type=45).fd > 0
+        assert loaded.programs["netfilter_hook"] > 0
+        assert loaded.programs[BATCH_PROGRAM] > 0 and not loaded.refused      # syscall programs: 5.14+
+        assert set(loaded.maps) == set(MAPS["netfilter"])
     finally:
-        b.cleanup()
+        loaded.close()
 
 
 def test_fentry_entry_points_attach_or_the_reason_is_named():
@@ -69,7 +74,7 @@ def test_fentry_entry_points_attach_or_the_reason_is_named():
     refusal), never a compile error."""
     check = try_fentry()
     try:
-        b = compile_probe("fentry", ProbeSettings.from_config(), destroy_func())
+        loaded = compile_probe("fentry", ProbeSettings.from_config(), destroy_func())
     except ProbeError as e:
         assert not check.ok, (check, e)
         if conntrack_is_a_module():
@@ -80,10 +85,35 @@ def test_fentry_entry_points_attach_or_the_reason_is_named():
         return
     try:
         assert check.ok, check
-        names = {n.decode() if isinstance(n, bytes) else n for n in b.funcs}
-        assert f"kretfunc__{REFRESH_FUNC}" in names and f"kfunc__{destroy_func()}" in names, names
+        assert f"kretfunc__{REFRESH_FUNC}" in loaded.programs and f"kfunc__{destroy_func()}" in loaded.programs
+        assert len(loaded.links) == 2, loaded.links
     finally:
-        b.cleanup()
+        loaded.close()
+
+
+def test_a_compile_error_is_bccs_last_line(monkeypatch, tmp_path):
+    """A probe that does not compile fails with BCC's words, from the compiler child."""
+    broken = tmp_path / "broken.c"
+    broken.write_text("int netfilter_hook(void *ctx) { return undeclared_name; }\n")
+    monkeypatch.setattr(loader, "PROBE_SOURCE", broken)
+    with pytest.raises(ProbeError, match=r"^netfilter probe: .*(compile|undeclared)"):
+        compile_probe("netfilter", ProbeSettings.from_config())
+
+
+def test_the_agent_process_never_loads_bcc():
+    """BCC and its LLVM stay in the compiler child: the probe attaches, and bcc is not imported here."""
+    code = ("import sys\n"
+            "from conntracct.probe.loader import Probe, ProbeSettings, MODES\n"
+            "from conntracct.probe.modes import choose_mode\n"
+            "mode, _, why = choose_mode('auto')\n"
+            "assert mode, why\n"
+            "p = Probe(mode, ProbeSettings.from_config(), lambda raw: None, False)\n"
+            "p.close()\n"
+            "maps = open('/proc/self/maps').read()\n"
+            "print('bcc' in sys.modules, 'libbcc' in maps, 'libLLVM' in maps)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["False", "False", "False"], out.stdout + out.stderr
 
 
 def test_fentry_detection_names_the_module():

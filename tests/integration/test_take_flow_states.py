@@ -13,6 +13,7 @@ import pytest
 
 from conntracct import netns
 from conntracct.config import ProbeConfig
+from conntracct.probe import bpfsys, loader
 from conntracct.probe.layout import DEFINES
 from conntracct.probe.loader import Probe, ProbeSettings
 from conntracct.probe.modes import try_netfilter
@@ -45,10 +46,9 @@ def key(n: int) -> bytes:
 
 
 def put(probe: Probe, states: dict[bytes, FlowState]) -> None:
-    flows = probe._bpf["flows"]     # the test plays the probe's part: its writes
+    flows = probe._loaded.maps["flows"]     # the test plays the probe's part: its writes
     for k, st in states.items():
-        flows[flows.Key.from_buffer_copy(k)] = flows.Leaf.from_buffer_copy(
-            FLOW_STATE.pack(st.first_seen, st.next_emit, *st.packets, *st.bytes, st.flags))
+        bpfsys.update_elem(flows, k, FLOW_STATE.pack(st.first_seen, st.next_emit, *st.packets, *st.bytes, st.flags))
 
 
 def test_batches_take_what_one_at_a_time_takes(probe):
@@ -71,9 +71,15 @@ def test_a_kernel_refusing_the_batch_program_takes_one_at_a_time(monkeypatch, ca
     if not try_netfilter().ok:
         pytest.skip(f"this kernel has no BPF netfilter programs: {try_netfilter().detail}")
 
-    def refuse(*_args, **_kw):
-        raise OSError(22, "Invalid argument: as an older kernel would")
-    monkeypatch.setattr("conntracct.probe.bpfsys.load_program", refuse)
+    build = loader.compile_and_load
+
+    def refusing(request):
+        """The compiler child's answer where the kernel refused the syscall program."""
+        loaded = build(request)
+        os.close(loaded.programs.pop(loader.BATCH_PROGRAM))
+        loaded.refused[loader.BATCH_PROGRAM] = "Invalid argument: as an older kernel would"
+        return loaded
+    monkeypatch.setattr(loader, "compile_and_load", refusing)
     caplog.set_level(logging.INFO, logger="conntracct.probe.loader")
     with Topology() as topo, netns.entered(topo.ns_path("router")):
         probe = Probe("netfilter", ProbeSettings.from_config(ProbeConfig(max_flows=1024, ringbuf_pages=8)),

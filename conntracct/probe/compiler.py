@@ -1,0 +1,151 @@
+"""Compiling and loading the probe with BCC, in a child process.
+
+BCC compiles with clang/LLVM inside the process that calls it, and what
+that leaves behind stays for the process's life: ~36 MB of heap and the
+LLVM/clang library pages, the larger part of an idle agent's RSS
+(bench/README.md, P6).  So the agent never imports bcc.  It runs this
+module as a child (`python -m conntracct.probe.compiler FD`), which
+compiles the probe, loads the programs asked for and sends back the file
+descriptors of its maps and programs over a Unix socket (SCM_RIGHTS),
+then exits.  The kernel objects live on through those descriptors: the
+agent attaches the programs and reads the maps with bpf(2) itself
+(bpfsys).
+
+The child imports nothing of the agent's but bpfsys (ctypes), so it
+starts in about the time `import bcc` takes.  It inherits the caller's
+network namespace and ambient capabilities.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from importlib.util import find_spec
+from pathlib import Path
+
+from . import bpfsys
+
+# A reply carries a few maps and programs: far below SCM_MAX_FD (253).
+_REPLY_LIMIT = 1 << 16
+
+
+@dataclass(frozen=True)
+class Request:
+    """What to build: the source and its flags, then what to load from it."""
+    source: str
+    cflags: list[str]
+    programs: list[tuple[str, int, int]]     # (function, program type, expected attach type or -1)
+    sleepable: list[tuple[str, int]]         # (function, program type): loaded by bpfsys, may be refused
+    maps: list[str]
+    # Programs BCC loads and attaches itself as it compiles (KFUNC_PROBE/KRETFUNC_PROBE).
+    autoattached: bool = False
+
+
+@dataclass
+class Compiled:
+    """The loaded probe, as file descriptors the caller owns."""
+    maps: dict[str, int] = field(default_factory=dict)
+    programs: dict[str, int] = field(default_factory=dict)
+    links: list[int] = field(default_factory=list)    # attachments BCC made (fentry)
+    refused: dict[str, str] = field(default_factory=dict)   # sleepable programs the kernel refused, and why
+
+    def fds(self) -> list[int]:
+        return [*self.maps.values(), *self.programs.values(), *self.links]
+
+    def close(self) -> None:
+        for fd in self.fds():
+            os.close(fd)
+        self.maps, self.programs, self.links = {}, {}, []
+
+
+class CompileError(Exception):
+    """BCC's own words for why the probe did not compile or load (its last line)."""
+
+
+def bcc_installed() -> bool:
+    """Whether `import bcc` would work, without importing it (that loads libbcc, ~13 MB)."""
+    return find_spec("bcc") is not None
+
+
+def bcc_version() -> str:
+    """BCC's version, read from its version.py rather than imported."""
+    spec = find_spec("bcc")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        try:
+            found = re.search(r"__version__\s*=\s*['\"]([^'\"]+)", (Path(folder) / "version.py").read_text())
+        except OSError:
+            continue
+        if found:
+            return found.group(1)
+    return "?"
+
+
+def compile_and_load(request: Request) -> Compiled:
+    """Build the probe in a child and take over its maps and programs."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    with ours, theirs:
+        child = subprocess.Popen([sys.executable, "-m", __name__, str(theirs.fileno())],
+                                 pass_fds=[theirs.fileno()], env=env, stdin=subprocess.DEVNULL)
+        theirs.close()
+        try:
+            ours.sendall(json.dumps(request.__dict__).encode())
+            message, fds, _flags, _addr = socket.recv_fds(ours, _REPLY_LIMIT, 64, socket.MSG_CMSG_CLOEXEC)
+        finally:
+            child.wait()
+    if not message:
+        raise CompileError(f"the BCC compiler process ended without an answer (exit status {child.returncode})")
+    reply = json.loads(message)
+    if "error" in reply:
+        raise CompileError(reply["error"])
+    names = iter(fds)
+    return Compiled(maps={name: next(names) for name in reply["maps"]},
+                    programs={name: next(names) for name in reply["programs"]},
+                    links=[next(names) for _ in range(reply["links"])], refused=reply["refused"])
+
+
+# -- the child -------------------------------------------------------------------------
+
+def _build(request: Request) -> Compiled:
+    from bcc import BPF
+    b = BPF(src_file=request.source.encode(), cflags=request.cflags)
+    out = Compiled(maps={name: b[name.encode()].map_fd for name in request.maps})
+    for name, prog_type, attach_type in request.programs:
+        out.programs[name] = b.load_func(name.encode(), prog_type, attach_type=attach_type).fd
+    if request.autoattached:
+        out.programs.update((name.decode(), fn.fd) for name, fn in b.funcs.items())
+        out.links = [*b.kfunc_entry_fds.values(), *b.kfunc_exit_fds.values()]
+    for name, prog_type in request.sleepable:
+        try:
+            out.programs[name] = bpfsys.load_program(prog_type, b.dump_func(name.encode()), name.encode(),
+                                                     bpfsys.BPF_F_SLEEPABLE)
+        except OSError as e:
+            out.refused[name] = str(e)
+    return out
+
+
+def _serve(sock: socket.socket) -> None:
+    request = Request(**json.loads(sock.recv(_REPLY_LIMIT)))
+    try:
+        built = _build(request)
+    except Exception as e:     # BCC raises bare Exception for compile and load failures
+        text = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+        sock.send(json.dumps({"error": text}).encode())
+        return
+    reply = {"maps": list(built.maps), "programs": list(built.programs), "links": len(built.links),
+             "refused": built.refused}
+    socket.send_fds(sock, [json.dumps(reply).encode()], built.fds())
+
+
+if __name__ == "__main__":
+    with socket.socket(fileno=int(sys.argv[1])) as parent:
+        _serve(parent)
+    # Skip BCC's clean-up at exit: the caller holds the descriptors now.
+    sys.stdout.flush()
+    os._exit(0)

@@ -26,6 +26,8 @@ BENCH = ROOT / "bench"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from conntracct.probe import compiler  # noqa: E402  (after the path above)
+
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -91,11 +93,7 @@ def machine() -> dict[str, str]:
     mem_kb = 0
     with contextlib.suppress(OSError, ValueError, IndexError):
         mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
-    try:
-        import bcc
-        bcc_version = getattr(bcc, "__version__", "?")
-    except ImportError:
-        bcc_version = "not installed"
+    bcc_version = compiler.bcc_version() if compiler.bcc_installed() else "not installed"
     return {
         "cpu": f"{model}, {os.cpu_count()} cores",
         "memory": f"{mem_kb / 1048576:.0f} GiB",

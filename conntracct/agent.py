@@ -17,7 +17,7 @@ from .enrich import Enricher
 from .flow import FlowEvent
 from .pipeline import Pipeline
 from .probe import bpfsys
-from .probe.footprint import release_startup_memory
+from .probe.footprint import release_startup_memory, single_arena
 from .probe.loader import ProbeError, ProbeSettings
 from .probe.modes import choose_mode
 from .probe.source import FlowSource
@@ -103,6 +103,7 @@ class Agent:
 
     def _start(self) -> None:
         cfg = self.config
+        single_arena()     # before any thread starts
         lacking = privileges.problem(cfg.probe.netns, cfg.probe.mode)
         if lacking:
             raise EnvironmentProblem(lacking)

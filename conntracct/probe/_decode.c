@@ -130,21 +130,30 @@ done:
     return out;
 }
 
-/* The flow's identity, memoised: the record's own when its start differs. */
+/* The flow's identity, memoised: the record's own when its start differs.
+ * A DESTROY is a flow's last record: it takes the identity out of the memo,
+ * which so holds live flows only. */
 static PyObject *known_identity(const struct flow_record *r, const char *raw) {
     unsigned long long id_start = r->start_ns ? r->start_ns : r->first_seen;
+    int last = r->kind == KIND_DESTROY;
     PyObject *key = PyBytes_FromStringAndSize(raw + IDENTITY_AT, IDENTITY_END - IDENTITY_AT);
     if (!key)
         return NULL;
     PyObject *known = PyDict_GetItemWithError(flows, key);    /* borrowed */
     if (known && PyTuple_Check(known) && PyTuple_GET_SIZE(known) == 8
         && PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(known, 0)) == id_start) {
+        Py_INCREF(known);
+        if (last && PyDict_DelItem(flows, key) < 0)
+            Py_CLEAR(known);
         Py_DECREF(key);
-        return Py_NewRef(known);
+        return known;
     }
     PyErr_Clear();
     known = identity(r, id_start);
-    if (known) {
+    if (known && last) {
+        if (PyDict_DelItem(flows, key) < 0)     /* an older flow's identity under this key, if any */
+            PyErr_Clear();
+    } else if (known) {
         if (PyDict_GET_SIZE(flows) >= memo_limit)
             PyDict_Clear(flows);
         if (PyDict_SetItem(flows, key, known) < 0)

@@ -22,7 +22,6 @@ from .loader import Probe
 from .record import (
     AF_NUMBER,
     FLOW_KEY,
-    SWAP16,
     TUPLE,
     FlowState,
     decode,
@@ -32,6 +31,7 @@ from .record import (
     pack_tuple,
     record_key,
     reply_raw,
+    swap16,
 )
 
 log = logging.getLogger(__name__)
@@ -185,7 +185,7 @@ class FlowEnds:
         orig_raw, _, zone, _ = FLOW_KEY.unpack(key)
         src, dst, src_u, dst_u, family, proto = TUPLE.unpack(orig_raw)
         width = 4 if family == socket.AF_INET else 16
-        orig = ctnetlink.CtTuple(src[:width], dst[:width], proto, SWAP16[src_u], SWAP16[dst_u])
+        orig = ctnetlink.CtTuple(src[:width], dst[:width], proto, swap16(src_u), swap16(dst_u))
         return self._lookup.exists(family, orig, zone)
 
     def _absent_from_dump(self) -> list[bytes]:

@@ -1,4 +1,12 @@
-"""Giving back what start-up used and running does not need.
+"""Keeping the agent's memory small: one malloc arena, and giving back
+what start-up used and running does not need.
+
+glibc gives each thread that calls malloc an arena of its own, and keeps
+the pages a burst touched there: the reader's and the sinks' threads held
+~7 MB more after a churn of 10,000 flows/s (bench P6) than with one arena.
+Python's threads take turns under the GIL (and small objects come from
+pymalloc, not malloc), so one arena costs no contention: single_arena()
+asks for it, before the agent starts its threads.
 
 The kernel's BTF, parsed once at start-up for the checks, mode detection
 and the probe's offsets (~24 MB of Python objects), is dropped, and
@@ -18,6 +26,16 @@ from pathlib import Path
 from .btf import forget_kernel_btf
 
 log = logging.getLogger(__name__)
+
+
+M_ARENA_MAX = -8     # mallopt(3)
+
+
+def single_arena() -> None:
+    """One malloc arena for every thread (glibc; elsewhere nothing happens)."""
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        mallopt(M_ARENA_MAX, 1)
 
 
 def _rss_kb() -> int:

@@ -10,7 +10,7 @@ import pytest
 from conntracct.flow import DESTROY, FLAG_FIRST_SIGHT, NEW, flow_id
 from conntracct.probe import ctnetlink
 from conntracct.probe.loader import rate_curve_macro
-from conntracct.probe.record import RECORD, decode, first_sight_new, pack_tuple, record_key
+from conntracct.probe.record import RECORD, decode, first_sight_new, mirror_tuple, pack_tuple, record_key
 from tests.reference.record import reference_decode
 
 V4_A, V4_B, V4_NAT = (socket.inet_pton(socket.AF_INET, a) for a in ("192.0.2.2", "198.51.100.2", "198.51.100.1"))
@@ -126,6 +126,24 @@ def test_decode_memo_keeps_each_record_its_own_identity():
         assert 0 < len(record._flows) <= 3
     finally:
         record._decode.set_memo_limit(record.FLOW_MEMO_LIMIT)
+
+
+def test_a_destroy_takes_its_flow_out_of_the_memo():
+    """The memo holds live flows: a flow's NEW and UPDATEs share one identity, its DESTROY
+    gets the same and removes it (the DESTROY's events are still the reference's)."""
+    from conntracct.probe import record
+
+    orig = pack_tuple(socket.AF_INET, 17, V4_A, V4_B, 40001, 53)
+    new, update, destroy = (raw_record(orig, mirror_tuple(orig), kind=kind) for kind in (1, 2, 3))
+    record._flows.clear()
+    first = decode(new, 0)
+    assert len(record._flows) == 1
+    assert decode(update, 0).memo is first.memo
+    last = decode(destroy, 0)
+    assert last.memo is first.memo and last == reference_decode(destroy, 0)
+    assert len(record._flows) == 0
+    assert decode(destroy, 0) == reference_decode(destroy, 0)       # a DESTROY seen first is not memoised
+    assert len(record._flows) == 0
 
 
 def test_decode_errors_are_the_reference_errors():

@@ -16,6 +16,8 @@ import struct
 from dataclasses import dataclass
 from operator import itemgetter
 
+from ._ctends import parse_ends
+
 NETLINK_NETFILTER = 12
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
@@ -367,9 +369,9 @@ class BatchReceiver:
 
     def __init__(self, fd: int):
         self._fd = fd
-        self._buffer = bytearray(self.SLOTS * self.SLOT)
-        self.view = memoryview(self._buffer)
-        base = ctypes.addressof((ctypes.c_char * len(self._buffer)).from_buffer(self._buffer))
+        self.buffer = bytearray(self.SLOTS * self.SLOT)
+        self.view = memoryview(self.buffer)
+        base = ctypes.addressof((ctypes.c_char * len(self.buffer)).from_buffer(self.buffer))
         self._iov = (_IoVec * self.SLOTS)(*[_IoVec(base + i * self.SLOT, self.SLOT) for i in range(self.SLOTS)])
         self._msgs = (_MMsgHdr * self.SLOTS)()
         for i in range(self.SLOTS):
@@ -431,10 +433,14 @@ class DestroyEvents:
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    def read(self) -> list[CtEntry]:
-        """All DESTROY events queued now (non-blocking)."""
-        out: list[CtEntry] = []
-        view = self._receiver.view
+    def read(self, netns: int) -> list[tuple]:
+        """All IPv4/IPv6 DESTROY events queued now (non-blocking), read
+        straight into the probe's structs (conntracct/probe/_ctends.c):
+        (flow key, orig tuple, reply tuple, zone, start_ns, stop_ns,
+        counters or None, status, mark, tcp_state); netns: the namespace's
+        inode, part of the key."""
+        out: list[tuple] = []
+        buffer = self._receiver.buffer
         while True:
             try:
                 datagrams = self._receiver.receive()
@@ -449,7 +455,7 @@ class DestroyEvents:
                 if truncated:      # an event cut short is an event lost
                     self.overruns += 1
                     continue
-                out.extend(parse_messages(view[offset:offset + length], length, IPCTNL_MSG_CT_DELETE))
+                parse_ends(buffer, offset, length, netns, out)
 
     def close(self) -> None:
         self._sock.close()

@@ -101,17 +101,14 @@ class FlowEnds:
 
     # -- DESTROY events from ctnetlink ---------------------------------------------
     def on_events(self) -> None:
-        entries = [e for e in self._events.read() if e.family in AF_NUMBER]
+        ends = self._events.read(self._netns)
         # Records already in the ring (e.g. a flow's NEW) go out before its DESTROY.
         self._probe.consume()
-        origs = [pack_tuple(e.family, e.orig.proto, e.orig.src, e.orig.dst, e.orig.src_u, e.orig.dst_u)
-                 for e in entries]
-        keys = [flow_key(orig, self._netns, e.zone, e.start_ns) for orig, e in zip(origs, entries, strict=True)]
         # The flows' states all at once: a syscall per batch, not per flow.
-        states = self._probe.take_flow_states(keys)
-        for entry, orig, key, state in zip(entries, origs, keys, states, strict=True):
-            self._unevented.pop(key, None)
-            self._deliver(self._destroy_event(entry, orig, state))
+        states = self._probe.take_flow_states([end[0] for end in ends])
+        for end, state in zip(ends, states, strict=True):
+            self._unevented.pop(end[0], None)
+            self._deliver(self._destroy_event(end, state))
         if self._events.overruns != self._overruns_seen:
             self._counts["ctnetlink_overruns"] += self._events.overruns - self._overruns_seen
             self._overruns_seen = self._events.overruns
@@ -119,10 +116,11 @@ class FlowEnds:
                         "reconciling with the conntrack table (raise probe.netlink_rcvbuf)")
             self._recover_lost_ends()
 
-    def _destroy_event(self, e: ctnetlink.CtEntry, orig_raw: bytes, state: FlowState | None) -> FlowEvent:
-        """The DESTROY of a flow from its ctnetlink entry and the probe's state of it (taken)."""
-        flags = 0 if e.counters else FLAG_NO_ACCT
-        flags |= 0 if e.start_ns else FLAG_NO_TSTAMP
+    def _destroy_event(self, end: tuple, state: FlowState | None) -> FlowEvent:
+        """The DESTROY of a flow from its end (DestroyEvents.read) and the probe's state of it (taken)."""
+        _key, orig, reply, zone, start_ns, stop_ns, counters, status, mark, tcp_state = end
+        flags = 0 if counters else FLAG_NO_ACCT
+        flags |= 0 if start_ns else FLAG_NO_TSTAMP
         if state is None:
             flags |= FLAG_FIRST_SIGHT
             first_seen, last_packets, last_bytes = 0, (0, 0), (0, 0)
@@ -130,15 +128,13 @@ class FlowEnds:
             self._counts["state_deletes"] += 1
             first_seen, last_packets, last_bytes = state.first_seen, state.packets, state.bytes
             flags |= state.flags
-        po, bo, pr, br = e.counters or (0, 0, 0, 0)
-        r = e.reply
+        po, bo, pr, br = counters or (0, 0, 0, 0)
         return self._event(
-            orig=orig_raw, reply=pack_tuple(e.family, r.proto, r.src, r.dst, r.src_u, r.dst_u),
-            netns=self._netns, zone=e.zone, start_ns=e.start_ns, stop_ns=e.stop_ns, first_seen=first_seen,
-            ts_ns=e.stop_ns or time.time_ns(), packets=(po, pr), bytes=(bo, br),
+            orig=orig, reply=reply, netns=self._netns, zone=zone, start_ns=start_ns, stop_ns=stop_ns,
+            first_seen=first_seen, ts_ns=stop_ns or time.time_ns(), packets=(po, pr), bytes=(bo, br),
             delta_packets=(po - last_packets[0], pr - last_packets[1]),
             delta_bytes=(bo - last_bytes[0], br - last_bytes[1]),
-            status=e.status, mark=e.mark, tcp_state=e.tcp_state, flags=flags)
+            status=status, mark=mark, tcp_state=tcp_state, flags=flags)
 
     def _recover_lost_ends(self) -> None:
         """After ENOBUFS some DESTROY events are gone: flows the probe tracks

@@ -1,8 +1,8 @@
 """The kernel's own DESTROY events as the agent reads them (DestroyEvents:
-many datagrams per recvmmsg, messages read by learnt layout) and one recv
-per datagram with the attribute walk (ctnetlink.walk_entry): the same
-entries, for TCP, UDP and ICMP over IPv4 and IPv6, with and without
-accounting and timestamps."""
+many datagrams per recvmmsg, read into the probe's structs in C) and one
+recv per datagram with the Python reader (by learnt layout, and by the
+attribute walk, ctnetlink.walk_entry): the same flow ends, for TCP, UDP
+and ICMP over IPv4 and IPv6, with and without accounting and timestamps."""
 
 from __future__ import annotations
 
@@ -12,9 +12,13 @@ import pytest
 
 from conntracct.probe import ctnetlink
 from tests.netns import Topology
+from tests.reference.ctends import reference_ends
 
 pytestmark = [pytest.mark.root,
               pytest.mark.skipif(os.geteuid() != 0, reason="needs root: network namespaces (CI runs as root)")]
+
+
+NETNS = 4026532999     # any inode: the flow keys carry it
 
 
 def raw_events(sock) -> list[bytes]:
@@ -41,7 +45,7 @@ def test_kernel_events_read_by_layout_are_the_walk(acct, timestamp):
             topo.flush()
             topo.wait_conntrack_empty()
             messages = raw_events(events._sock)
-            read = batched.read()
+            read = batched.read(NETNS)
         finally:
             events.close()
             batched.close()
@@ -59,8 +63,7 @@ def test_kernel_events_read_by_layout_are_the_walk(acct, timestamp):
         assert entries == walked
         seen.update((e.family, e.orig.proto) for e in entries)
     assert seen >= {(2, 6), (2, 17), (2, 1), (10, 6), (10, 17), (10, 58)}, seen
-    assert read == [e for msg in messages for e in ctnetlink.parse_messages(memoryview(msg), len(msg),
-                                                                             ctnetlink.IPCTNL_MSG_CT_DELETE)]
+    assert read == [end for msg in messages for end in reference_ends(msg, NETNS)]
     assert batched.overruns == 0 and len(read) > ctnetlink.BatchReceiver.SLOTS   # several recvmmsg calls
     # TCP and UDP entries were read by layout (ICMP's are walked).
     assert any(layout is not None for layout in ctnetlink._layouts.values())

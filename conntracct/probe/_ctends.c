@@ -1,18 +1,21 @@
 /* Conntrack DESTROY events (ctnetlink messages) read straight into the
- * probe's structs: each flow end as its struct flow_key and its two struct
- * ct_tuple (bpf/record.h, included), plus the values the DESTROY record
- * takes.  In Python (ctnetlink.parse_entry, then record.pack_tuple and
- * flow_key) that was ~5 us of the agent's ~26 us per finished flow
- * (bench/p6_profile.py); the Python reader stays for table dumps and
- * lookups, and is what tests/unit/test_ctnetlink_ends.py holds this to.
+ * probe's structs (bpf/record.h, included): each flow end as its struct
+ * flow_key and its DESTROY struct flow_record.  In Python (parsing,
+ * packing both tuples, the key and the record by field name) that was
+ * ~10 us of the agent's ~26 us per finished flow on the P6 machine
+ * (bench/p6_profile.py).  The Python reader stays for table dumps and
+ * lookups; with the record packers it is the reference these functions
+ * are held to (tests/reference/ctends.py).
  *
- * parse_ends(buffer, offset, length, netns, out) appends, for every
- * IPv4/IPv6 IPCTNL_MSG_CT_DELETE message of the datagram at
- * buffer[offset:offset + length], the tuple
- *     (key, orig, reply, zone, start_ns, stop_ns, counters, status, mark, tcp_state)
- * with counters (orig packets, orig bytes, reply packets, reply bytes), or
- * None unless both directions' counters are there.  A netlink error
- * message raises OSError with its errno.
+ * parse_ends(buffer, offset, length, netns, wall_offset_ns, now_ns, out)
+ *     appends (key, record) for every IPv4/IPv6 IPCTNL_MSG_CT_DELETE
+ *     message of the datagram at buffer[offset:offset + length]: the
+ *     DESTROY of a flow the probe holds no state for (FLAG_FIRST_SIGHT,
+ *     deltas the totals), stamped with its stop time (now_ns without one)
+ *     on the probe's clock.  A netlink error message raises OSError.
+ * with_state(record, state) -> bytes
+ *     that DESTROY for a flow whose struct flow_state was taken: its first
+ *     sight and flags, deltas since its last record.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -134,33 +137,42 @@ static void read_end(const u8 *body, const u8 *end, u8 family, struct ct_end *e)
     }
 }
 
-static PyObject *end_tuple(const struct ct_end *e, u32 netns) {
+/* (key, record) of one flow end: the DESTROY of a flow the probe never saw. */
+static PyObject *end_pair(const struct ct_end *e, u32 netns, u64 wall_offset, u64 now) {
     struct flow_key key;
+    struct flow_record r;
     memset(&key, 0, sizeof key);
-    key.orig = e->orig;
-    key.netns = netns;
-    key.zone = e->zone;
-    key.start_ns = e->start_ns;
-    PyObject *counters;
-    if (e->counted == 3)
-        counters = Py_BuildValue("(KKKK)", e->counters[0], e->counters[1], e->counters[2], e->counters[3]);
-    else
-        counters = Py_NewRef(Py_None);
-    if (!counters)
-        return NULL;
-    return Py_BuildValue("(y#y#y#HKKNkkB)", (const char *)&key, (Py_ssize_t)sizeof key,
-                         (const char *)&e->orig, (Py_ssize_t)sizeof e->orig,
-                         (const char *)&e->reply, (Py_ssize_t)sizeof e->reply,
-                         e->zone, e->start_ns, e->stop_ns, counters, (unsigned long)e->status,
-                         (unsigned long)e->mark, e->tcp_state);
+    memset(&r, 0, sizeof r);
+    key.orig = r.orig = e->orig;
+    r.reply = e->reply;
+    key.netns = r.netns = netns;
+    key.zone = r.zone = e->zone;
+    key.start_ns = r.start_ns = e->start_ns;
+    r.stop_ns = e->stop_ns;
+    u64 stamp = e->stop_ns ? e->stop_ns : now;
+    r.ts = stamp > wall_offset ? stamp - wall_offset : 0;   /* a wall clock set back: never below 0 */
+    if (e->counted == 3) {
+        r.packets[0] = r.delta_packets[0] = e->counters[0];
+        r.bytes[0] = r.delta_bytes[0] = e->counters[1];
+        r.packets[1] = r.delta_packets[1] = e->counters[2];
+        r.bytes[1] = r.delta_bytes[1] = e->counters[3];
+    }
+    r.status = e->status;
+    r.mark = e->mark;
+    r.tcp_state = e->tcp_state;
+    r.kind = KIND_DESTROY;
+    r.flags = FLAG_FIRST_SIGHT | (e->counted == 3 ? 0 : FLAG_NO_ACCT) | (e->start_ns ? 0 : FLAG_NO_TSTAMP);
+    return Py_BuildValue("(y#y#)", (const char *)&key, (Py_ssize_t)sizeof key, (const char *)&r, (Py_ssize_t)sizeof r);
 }
 
 static PyObject *parse_ends(PyObject *module, PyObject *args) {
     Py_buffer view;
     Py_ssize_t offset, length;
     unsigned long netns;
+    unsigned long long wall_offset, now;
     PyObject *out;
-    if (!PyArg_ParseTuple(args, "y*nnkO!:parse_ends", &view, &offset, &length, &netns, &PyList_Type, &out))
+    if (!PyArg_ParseTuple(args, "y*nnkKKO!:parse_ends", &view, &offset, &length, &netns, &wall_offset, &now,
+                          &PyList_Type, &out))
         return NULL;
     PyObject *result = NULL;
     if (offset < 0 || length < 0 || offset + length > view.len) {
@@ -185,7 +197,7 @@ static PyObject *parse_ends(PyObject *module, PyObject *args) {
             if (family == AF_INET || family == AF_INET6) {
                 struct ct_end e;
                 read_end(pos + NLMSG_HDRLEN + NLMSG_ALIGN(sizeof(struct nfgenmsg)), pos + h->nlmsg_len, family, &e);
-                PyObject *item = end_tuple(&e, (u32)netns);
+                PyObject *item = end_pair(&e, (u32)netns, wall_offset, now);
                 if (!item || PyList_Append(out, item) < 0) {
                     Py_XDECREF(item);
                     goto done;
@@ -201,9 +213,39 @@ done:
     return result;
 }
 
+static PyObject *with_state(PyObject *module, PyObject *args) {
+    Py_buffer record, state;
+    if (!PyArg_ParseTuple(args, "y*y*:with_state", &record, &state))
+        return NULL;
+    PyObject *out = NULL;
+    if (record.len != sizeof(struct flow_record) || state.len < (Py_ssize_t)sizeof(struct flow_state)) {
+        PyErr_Format(PyExc_ValueError, "with_state: a struct flow_record (%zu bytes) and a struct flow_state "
+                     "(%zu) are wanted, not %zd and %zd bytes", sizeof(struct flow_record),
+                     sizeof(struct flow_state), record.len, state.len);
+    } else {
+        struct flow_record r;
+        struct flow_state st;
+        memcpy(&r, record.buf, sizeof r);
+        memcpy(&st, state.buf, sizeof st);
+        r.first_seen = st.first_seen;
+        for (int i = 0; i < 2; i++) {      /* u64 arithmetic: wraps as the probe's own deltas do */
+            r.delta_packets[i] = r.packets[i] - st.packets[i];
+            r.delta_bytes[i] = r.bytes[i] - st.bytes[i];
+        }
+        r.flags = (r.flags & ~FLAG_FIRST_SIGHT) | (u8)st.flags;
+        out = PyBytes_FromStringAndSize((const char *)&r, sizeof r);
+    }
+    PyBuffer_Release(&record);
+    PyBuffer_Release(&state);
+    return out;
+}
+
 static PyMethodDef methods[] = {
     {"parse_ends", parse_ends, METH_VARARGS,
-     "parse_ends(buffer, offset, length, netns, out): append the datagram's flow ends to out."},
+     "parse_ends(buffer, offset, length, netns, wall_offset_ns, now_ns, out): append the datagram's "
+     "(flow key, DESTROY record) pairs to out."},
+    {"with_state", with_state, METH_VARARGS,
+     "with_state(record, state) -> bytes: the DESTROY record of a flow whose probe state was taken."},
     {NULL, NULL, 0, NULL},
 };
 

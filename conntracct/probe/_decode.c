@@ -139,20 +139,20 @@ static PyObject *known_identity(const struct flow_record *r, const char *raw) {
     PyObject *key = PyBytes_FromStringAndSize(raw + IDENTITY_AT, IDENTITY_END - IDENTITY_AT);
     if (!key)
         return NULL;
-    PyObject *known = PyDict_GetItemWithError(flows, key);    /* borrowed */
-    if (known && PyTuple_Check(known) && PyTuple_GET_SIZE(known) == 8
-        && PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(known, 0)) == id_start) {
-        Py_INCREF(known);
+    PyObject *found = PyDict_GetItemWithError(flows, key);    /* borrowed */
+    if (found && PyTuple_Check(found) && PyTuple_GET_SIZE(found) == 8
+        && PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(found, 0)) == id_start) {
+        PyObject *known = Py_NewRef(found);
         if (last && PyDict_DelItem(flows, key) < 0)
             Py_CLEAR(known);
         Py_DECREF(key);
         return known;
     }
     PyErr_Clear();
-    known = identity(r, id_start);
+    PyObject *known = identity(r, id_start);
     if (known && last) {
-        if (PyDict_DelItem(flows, key) < 0)     /* an older flow's identity under this key, if any */
-            PyErr_Clear();
+        if (found && PyDict_DelItem(flows, key) < 0)     /* an older flow's identity under this key */
+            Py_CLEAR(known);
     } else if (known) {
         if (PyDict_GET_SIZE(flows) >= memo_limit)
             PyDict_Clear(flows);

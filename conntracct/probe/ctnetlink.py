@@ -13,6 +13,7 @@ import errno
 import os
 import socket
 import struct
+import time
 from dataclasses import dataclass
 from operator import itemgetter
 
@@ -433,14 +434,14 @@ class DestroyEvents:
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    def read(self, netns: int) -> list[tuple]:
+    def read(self, netns: int, wall_offset_ns: int) -> list[tuple[bytes, bytes]]:
         """All IPv4/IPv6 DESTROY events queued now (non-blocking), read
-        straight into the probe's structs (conntracct/probe/_ctends.c):
-        (flow key, orig tuple, reply tuple, zone, start_ns, stop_ns,
-        counters or None, status, mark, tcp_state); netns: the namespace's
-        inode, part of the key."""
-        out: list[tuple] = []
-        buffer = self._receiver.buffer
+        straight into the probe's structs (conntracct/probe/_ctends.c): a
+        (struct flow_key, DESTROY struct flow_record) pair each; netns: the
+        namespace's inode (part of both), wall_offset_ns: the probe's clock
+        to the wall clock."""
+        out: list[tuple[bytes, bytes]] = []
+        buffer, now = self._receiver.buffer, time.time_ns()
         while True:
             try:
                 datagrams = self._receiver.receive()
@@ -455,7 +456,7 @@ class DestroyEvents:
                 if truncated:      # an event cut short is an event lost
                     self.overruns += 1
                     continue
-                parse_ends(buffer, offset, length, netns, out)
+                parse_ends(buffer, offset, length, netns, wall_offset_ns, now, out)
 
     def close(self) -> None:
         self._sock.close()

@@ -15,15 +15,15 @@ from collections import Counter
 from collections.abc import Callable
 
 from .. import netns
-from ..flow import DESTROY, FLAG_END_UNSEEN, FLAG_FIRST_SIGHT, FLAG_NO_ACCT, FLAG_NO_TSTAMP, UPDATE, FlowEvent
+from ..flow import DESTROY, FLAG_END_UNSEEN, FLAG_NO_TSTAMP, UPDATE, FlowEvent
 from . import ctnetlink
+from ._ctends import with_state
 from .layout import KEY_LAYOUT
 from .loader import Probe
 from .record import (
     AF_NUMBER,
     FLOW_KEY,
     TUPLE,
-    FlowState,
     decode,
     flow_key,
     mirror_tuple,
@@ -101,40 +101,24 @@ class FlowEnds:
 
     # -- DESTROY events from ctnetlink ---------------------------------------------
     def on_events(self) -> None:
-        ends = self._events.read(self._netns)
+        offset = self._probe.wall_offset_ns
+        ends = self._events.read(self._netns, offset)
         # Records already in the ring (e.g. a flow's NEW) go out before its DESTROY.
         self._probe.consume()
         # The flows' states all at once: a syscall per batch, not per flow.
-        states = self._probe.take_flow_states([end[0] for end in ends])
-        for end, state in zip(ends, states, strict=True):
-            self._unevented.pop(end[0], None)
-            self._deliver(self._destroy_event(end, state))
+        states = self._probe.take_raw_states([key for key, _ in ends])
+        for (key, record), state in zip(ends, states, strict=True):
+            self._unevented.pop(key, None)
+            if state is not None:
+                self._counts["state_deletes"] += 1
+                record = with_state(record, state)
+            self._deliver(decode(record, offset))
         if self._events.overruns != self._overruns_seen:
             self._counts["ctnetlink_overruns"] += self._events.overruns - self._overruns_seen
             self._overruns_seen = self._events.overruns
             log.warning("ctnetlink receive buffer overrun (ENOBUFS): DESTROY events were lost; "
                         "reconciling with the conntrack table (raise probe.netlink_rcvbuf)")
             self._recover_lost_ends()
-
-    def _destroy_event(self, end: tuple, state: FlowState | None) -> FlowEvent:
-        """The DESTROY of a flow from its end (DestroyEvents.read) and the probe's state of it (taken)."""
-        _key, orig, reply, zone, start_ns, stop_ns, counters, status, mark, tcp_state = end
-        flags = 0 if counters else FLAG_NO_ACCT
-        flags |= 0 if start_ns else FLAG_NO_TSTAMP
-        if state is None:
-            flags |= FLAG_FIRST_SIGHT
-            first_seen, last_packets, last_bytes = 0, (0, 0), (0, 0)
-        else:
-            self._counts["state_deletes"] += 1
-            first_seen, last_packets, last_bytes = state.first_seen, state.packets, state.bytes
-            flags |= state.flags
-        po, bo, pr, br = counters or (0, 0, 0, 0)
-        return self._event(
-            orig=orig, reply=reply, netns=self._netns, zone=zone, start_ns=start_ns, stop_ns=stop_ns,
-            first_seen=first_seen, ts_ns=stop_ns or time.time_ns(), packets=(po, pr), bytes=(bo, br),
-            delta_packets=(po - last_packets[0], pr - last_packets[1]),
-            delta_bytes=(bo - last_bytes[0], br - last_bytes[1]),
-            status=status, mark=mark, tcp_state=tcp_state, flags=flags)
 
     def _recover_lost_ends(self) -> None:
         """After ENOBUFS some DESTROY events are gone: flows the probe tracks

@@ -269,12 +269,17 @@ class Probe:
         """True when take_flow_states() needs a syscall per batch, not per flow."""
         return self._batch_taker is not None
 
-    def take_flow_states(self, keys: list[bytes]) -> list[FlowState | None]:
-        """take_flow_state() of many flows, in a syscall per TAKE_BATCH where the kernel allows."""
+    def take_raw_states(self, keys: list[bytes]) -> list[bytes | None]:
+        """Many flows' states (struct flow_state, or None), removed, in a syscall per TAKE_BATCH
+        where the kernel allows."""
         if self._batch_taker is None:
-            return [self.take_flow_state(key) for key in keys]
+            return [self._taker.take(key) for key in keys]
+        return self._batch_taker.take(keys)
+
+    def take_flow_states(self, keys: list[bytes]) -> list[FlowState | None]:
+        """take_flow_state() of many flows."""
         unpack = FlowState.unpack
-        return [unpack(raw) if raw is not None else None for raw in self._batch_taker.take(keys)]
+        return [unpack(raw) if raw is not None else None for raw in self.take_raw_states(keys)]
 
     def flow_keys(self) -> list[bytes]:
         """The keys (struct flow_key) of every flow the probe holds state for."""

@@ -7,6 +7,7 @@ and ICMP over IPv4 and IPv6, with and without accounting and timestamps."""
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
@@ -19,6 +20,7 @@ pytestmark = [pytest.mark.root,
 
 
 NETNS = 4026532999     # any inode: the flow keys carry it
+OFFSET = 1_700_000_000 * 10**9   # the probe's clock to the wall clock
 
 
 def raw_events(sock) -> list[bytes]:
@@ -45,7 +47,8 @@ def test_kernel_events_read_by_layout_are_the_walk(acct, timestamp):
             topo.flush()
             topo.wait_conntrack_empty()
             messages = raw_events(events._sock)
-            read = batched.read(NETNS)
+            read = batched.read(NETNS, OFFSET)
+            now = time.time_ns()
         finally:
             events.close()
             batched.close()
@@ -63,7 +66,13 @@ def test_kernel_events_read_by_layout_are_the_walk(acct, timestamp):
         assert entries == walked
         seen.update((e.family, e.orig.proto) for e in entries)
     assert seen >= {(2, 6), (2, 17), (2, 1), (10, 6), (10, 17), (10, 58)}, seen
-    assert read == [end for msg in messages for end in reference_ends(msg, NETNS)]
+    # Events without a stop time are stamped with the time of the read: compared as keys and records
+    # but for that stamp (first 8 bytes), which must lie between the read and now.
+    expected = [end for msg in messages for end in reference_ends(msg, NETNS, OFFSET, now)]
+    assert [(k, r[8:]) for k, r in read] == [(k, r[8:]) for k, r in expected]
+    for (_, got), (_, want) in zip(read, expected, strict=True):
+        stamp, wanted = int.from_bytes(got[:8], "little"), int.from_bytes(want[:8], "little")
+        assert stamp == wanted or (timestamp is False and wanted - 5 * 10**9 <= stamp <= wanted)
     assert batched.overruns == 0 and len(read) > ctnetlink.BatchReceiver.SLOTS   # several recvmmsg calls
     # TCP and UDP entries were read by layout (ICMP's are walked).
     assert any(layout is not None for layout in ctnetlink._layouts.values())

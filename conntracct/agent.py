@@ -16,7 +16,7 @@ from .config import Config
 from .enrich import Enricher
 from .flow import FlowEvent
 from .pipeline import Pipeline
-from .probe import bpfsys
+from .probe import bpfsys, compiler
 from .probe.footprint import release_startup_memory, single_arena
 from .probe.loader import ProbeError, ProbeSettings
 from .probe.modes import choose_mode
@@ -107,6 +107,7 @@ class Agent:
         lacking = privileges.problem(cfg.probe.netns, cfg.probe.mode)
         if lacking:
             raise EnvironmentProblem(lacking)
+        compiler.start_early()     # BCC's process starts while the sinks and mode detection do
         try:
             self.pipeline = Pipeline.from_config(cfg.sinks, self.stats)
         except SinkError as e:

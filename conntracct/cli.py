@@ -62,6 +62,8 @@ netns_option = click.option("--netns", metavar="PATH",
 @netns_option
 def run(config_path: str | None, mode: str | None, ensure_tracking: bool, netns: str | None) -> None:
     """Run the agent until SIGINT/SIGTERM, then drain the sinks and exit 0."""
+    from .probe import compiler
+    compiler.start_early()      # first: BCC's process starts while the agent's modules load
     from .agent import Agent, EnvironmentProblem
     config = configured(config_path, mode)
     if ensure_tracking:

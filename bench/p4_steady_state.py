@@ -233,7 +233,7 @@ def main() -> None:
                    note=f"agent = 1/{dump_cpu / agent_cpu:.1f} of it" if agent_cpu else "")
         report.row("  agent RSS, peak over the window", f"{w['agent_rss_peak_mb']:.0f} MB",
                    f"<= {RSS_TARGET_MB} MB", w["agent_rss_peak_mb"] <= RSS_TARGET_MB,
-                   f"VmHWM {w['agent_vmhwm_mb']:.0f} MB: the BCC compile at start-up")
+                   f"VmHWM {w['agent_vmhwm_mb']:.0f} MB: start-up (the kernel BTF parsed, then dropped)")
     report.save(args.json)
 
 

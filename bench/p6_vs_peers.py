@@ -39,7 +39,8 @@ equal the kernel's exactly.  CPU: user+system seconds of the tool's whole
 process tree (threads, children) from /proc, from just before the churn
 until the tool is idle again after the last flow ended (start-up excluded).
 RSS: the tree's resident memory sampled every 0.25 s over the same window
-(peak), and the tree's VmHWM (which includes start-up: BCC's compile).
+(peak), and the tree's VmHWM (which includes start-up: the kernel BTF,
+parsed and then dropped; BCC compiles in a child process).
 
 Forwarding: per tool (and none), a fresh topology, the tool attached, then
 `iperf3 -u -b 0 -l 64` from client to server through the router for a few
@@ -526,7 +527,7 @@ def churn_rows(report: Report, runs: list[dict], seconds: float) -> None:
             report.row("  conntracct, default configuration: RSS, peak during the run",
                        f"{ours['rss_peak_kb'] / 1024:.0f} MB", f"<= {RSS_TARGET_MB} MB",
                        ours["rss_peak_kb"] <= RSS_TARGET_MB * 1024,
-                       note=f"VmHWM {ours['hwm_kb'] / 1024:.0f} MB (start-up: BCC's compile)")
+                       note=f"VmHWM {ours['hwm_kb'] / 1024:.0f} MB (start-up: the kernel BTF parsed, then dropped)")
 
 
 def runs_of(runs: list[dict], name: str) -> list[dict]:

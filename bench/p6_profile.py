@@ -51,8 +51,6 @@ STAGES = [
     ("ctnetlink: recv syscalls", ("recv (libc", "recvfrom (libc", "recvmsg (libc", "recvmmsg (libc", "__libc_recv",
                                   "socket.recv_into", "recv_into (", "BatchReceiver.receive")),
     ("ctnetlink: parse events", ("DestroyEvents.read",)),
-    ("DESTROY event from a ctnetlink entry (tuples, key, record packed, decoded)",
-     ("FlowEnds._destroy_event",)),
     ("ring record: decode and dispatch (NEW/UPDATE)", ("FlowSource._on_record",)),
     ("first-sight NEW, delivery counters", ("FlowSource._deliver",)),
     ("enrichment", ("Enricher.__call__",)),
@@ -62,7 +60,7 @@ STAGES = [
     ("sink worker: take batches, counters", ("SinkWorker._run",)),
     ("garbage collector", ("gc_collect", "collect (gc", "gc_collect_main", "gc_collect_with_callback")),
     ("ring buffer read (_ring.Ring.take: records copied out in batches)", ("Probe.consume", "Ring.take")),
-    ("flow ends: reading loop", ("FlowEnds.on_events",)),
+    ("flow ends: the loop (state folded into each DESTROY record, decoded)", ("FlowEnds.on_events",)),
     ("reader loop", ("FlowSource.run",)),
     ("main thread (stats, loss watch)", ("Agent.run",)),
 ]

@@ -364,14 +364,13 @@ assert _FLAGS_AT + _FLAGS_LEN.size == _MMsgHdr.len.offset + 4
 
 class BatchReceiver:
     """Datagrams of one socket, SLOTS per recvmmsg(2) call, each into a slot
-    of SLOT bytes of one buffer (`view`)."""
+    of SLOT bytes of one buffer (`buffer`)."""
 
     SLOTS, SLOT = 128, 8192
 
     def __init__(self, fd: int):
         self._fd = fd
         self.buffer = bytearray(self.SLOTS * self.SLOT)
-        self.view = memoryview(self.buffer)
         base = ctypes.addressof((ctypes.c_char * len(self.buffer)).from_buffer(self.buffer))
         self._iov = (_IoVec * self.SLOTS)(*[_IoVec(base + i * self.SLOT, self.SLOT) for i in range(self.SLOTS)])
         self._msgs = (_MMsgHdr * self.SLOTS)()

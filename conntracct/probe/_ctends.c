@@ -61,8 +61,7 @@ static u64 be(const struct nlattr *a, unsigned size) {
     return v;
 }
 
-static void read_tuple(const struct nlattr *nest, struct ct_tuple *t, u8 family) {
-    t->family = family;
+static void read_tuple(const struct nlattr *nest, struct ct_tuple *t) {
     const u8 *end = (const u8 *)nest + nest->nla_len;
     FOR_EACH_ATTR(a, NLA_DATA(nest), end) {
         const u8 *inner_end = (const u8 *)a + a->nla_len;
@@ -108,8 +107,8 @@ static void read_end(const u8 *body, const u8 *end, u8 family, struct ct_end *e)
     FOR_EACH_ATTR(a, body, end) {
         const u8 *a_end = (const u8 *)a + a->nla_len;
         switch (NLA_TYPE(a)) {
-        case CTA_TUPLE_ORIG: read_tuple(a, &e->orig, family); break;
-        case CTA_TUPLE_REPLY: read_tuple(a, &e->reply, family); break;
+        case CTA_TUPLE_ORIG: read_tuple(a, &e->orig); break;
+        case CTA_TUPLE_REPLY: read_tuple(a, &e->reply); break;
         case CTA_STATUS: e->status = (u32)be(a, 4); break;
         case CTA_MARK: e->mark = (u32)be(a, 4); break;
         case CTA_ZONE: e->zone = (u16)be(a, 2); break;

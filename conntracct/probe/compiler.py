@@ -66,7 +66,7 @@ class Compiled:
 
 
 class CompileError(Exception):
-    """BCC's own words for why the probe did not compile or load (its last line)."""
+    """BCC's own words for why the probe did not compile or load."""
 
 
 def bcc_installed() -> bool:
@@ -165,8 +165,8 @@ def _serve(sock: socket.socket) -> None:
             raise CompileError(failure)
         built = _build(Request(**json.loads(data)), BPF)
     except Exception as e:     # BCC raises bare Exception for compile and load failures
-        text = (str(e).strip().splitlines() or [type(e).__name__])[-1]
-        sock.send(json.dumps({"error": text}).encode())
+        # Sent whole: the caller's loader.explain() keeps the line a user can act on.
+        sock.send(json.dumps({"error": str(e).strip() or type(e).__name__}).encode())
         return
     reply = {"maps": list(built.maps), "programs": list(built.programs), "links": len(built.links),
              "refused": built.refused}

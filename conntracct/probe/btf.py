@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import struct
+from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,23 +57,23 @@ class BTF:
         self._str_base = base._str_total if base else 0
         self._str_total = self._str_base + str_len
         first_id = base._next_id if base else 1
-        # type id -> byte position of its header; names indexed for lookup.
-        self._pos: list[int] = []
-        self._by_name: dict[tuple[int, str], int] = {}
+        # Per type id (from first_id): its header's byte position, name offset
+        # and kind, in flat arrays (~9 bytes a type; a dict of names took
+        # ~24 MB for vmlinux's 126k types).  Names are looked up through the
+        # string section instead (_find).
+        self._pos, self._name_offs, self._kinds = array("I"), array("I"), bytearray()
         pos, end = hdr_len + type_off, hdr_len + type_off + type_len
-        unpack = struct.Struct("<III").unpack_from
-        tid = first_id
+        unpack = struct.Struct("<II").unpack_from
         while pos < end:
-            name_off, info, _ = unpack(data, pos)
+            name_off, info = unpack(data, pos)
             kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
             self._pos.append(pos)
-            if name_off and kind in (KIND_STRUCT, KIND_UNION, KIND_ENUM, KIND_ENUM64, KIND_TYPEDEF, KIND_FUNC):
-                self._by_name.setdefault((kind, self._str(name_off)), tid)
+            self._name_offs.append(name_off)
+            self._kinds.append(kind)
             fixed, item = _TRAILER.get(kind, (0, 0))
             pos += 12 + fixed + item * vlen
-            tid += 1
         self._first_id = first_id
-        self._next_id = tid
+        self._next_id = first_id + len(self._pos)
 
     @classmethod
     def load(cls, path: str | Path = "/sys/kernel/btf/vmlinux", base: BTF | None = None) -> BTF:
@@ -100,15 +101,44 @@ class BTF:
         name_off, info, size_type = struct.unpack_from("<III", btf._data, pos)
         return btf, pos, name_off, (info >> 24) & 0x1F, info & 0xFFFF, size_type
 
+    def _string_offsets(self, name: str) -> list[int]:
+        """Every offset (in this BTF's numbering, base strings first) at which `name` is a whole string."""
+        out = self._base._string_offsets(name) if self._base else []
+        needle, start = b"\0" + name.encode() + b"\0", self._str_start
+        while (at := self._data.find(needle, start, self._str_end)) >= 0:
+            out.append(at + 1 - self._str_start + self._str_base)
+            start = at + 1
+        return out
+
+    def _find_here(self, kind: int, offsets: list[int]) -> int | None:
+        """The first type of this BTF (not its base) of `kind` named at one of `offsets`."""
+        best = None
+        for off in offsets:
+            i = 0
+            while True:
+                try:
+                    i = self._name_offs.index(off, i)
+                except ValueError:
+                    break
+                if self._kinds[i] == kind:
+                    best = i if best is None else min(best, i)
+                    break
+                i += 1
+        return None if best is None else self._first_id + best
+
     def _find(self, kinds: tuple[int, ...], name: str) -> int | None:
+        """The first type of one of `kinds` (in that order of preference) named `name`."""
+        return next((tid for tid, _ in self._find_with_origin(kinds, name)), None)
+
+    def _find_with_origin(self, kinds: tuple[int, ...], name: str):
+        """(type id, origin) of each BTF in the chain that has a type of `kinds` named `name`, this one first."""
         for kind in kinds:
             btf = self
             while btf is not None:
-                tid = btf._by_name.get((kind, name))
+                tid = btf._find_here(kind, btf._string_offsets(name))
                 if tid is not None:
-                    return tid
+                    yield tid, btf.origin
                 btf = btf._base
-        return None
 
     # -- queries --------------------------------------------------------------
     def has_struct(self, name: str) -> bool:
@@ -117,12 +147,7 @@ class BTF:
     def func_origin(self, name: str) -> str | None:
         """Where a kernel function is described: "vmlinux", a module's name
         (split BTF), or None when no BTF here has it (e.g. it was inlined)."""
-        btf = self
-        while btf is not None:
-            if (KIND_FUNC, name) in btf._by_name:
-                return btf.origin
-            btf = btf._base
-        return None
+        return next((origin for _, origin in self._find_with_origin((KIND_FUNC,), name)), None)
 
     def func_id(self, name: str) -> int | None:
         """The BTF type id of a kernel function (what fentry/fexit attach to), or None."""
@@ -230,7 +255,7 @@ def kernel_btf(module: str | None = "nf_conntrack") -> BTF:
 
 
 def forget_kernel_btf() -> None:
-    """Drop the parsed BTF (~24 MB of Python objects for vmlinux's), once
+    """Drop the parsed BTF (~7 MB for vmlinux's: the blob and its arrays), once
     start-up no longer needs it; a later kernel_btf() parses it again."""
     _load_kernel_btf.cache_clear()
 

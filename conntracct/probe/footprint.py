@@ -9,7 +9,7 @@ pymalloc, not malloc), so one arena costs no contention: single_arena()
 asks for it, before the agent starts its threads.
 
 The kernel's BTF, parsed once at start-up for the checks, mode detection
-and the probe's offsets (~24 MB of Python objects), is dropped, and
+and the probe's offsets (~7 MB: the blob and per-type arrays), is dropped, and
 malloc_trim(0) returns the freed heap to the kernel (glibc; skipped
 elsewhere).  BCC's compiler never runs in the agent's process
 (compiler.py), so there is no LLVM to give back.

@@ -161,8 +161,9 @@ class Influxd(Server):
     With `auth=True` the HTTP API needs credentials; an admin user
     (`admin_user`/`admin_password`) is created at the first start.  With
     `udp_database`, its [[udp]] listener (line protocol datagrams) is on too,
-    on 127.0.0.1:`udp_port`, writing into that database (created by the
-    listener), in batches flushed every 50 ms."""
+    on 127.0.0.1:`udp_port`, writing into that database in batches flushed
+    every 50 ms.  The database is created at start: the listener creates it
+    only with its first batch, and a query before that fails."""
 
     binary = INFLUXD
     name = "influxd"
@@ -248,6 +249,8 @@ bind-address = "127.0.0.1:{self.rpc_port}"
             self.query(f"CREATE USER {self.admin_user} WITH PASSWORD '{self.admin_password}' "
                        "WITH ALL PRIVILEGES", auth=False)
             self._admin_created = True
+        if self.udp_database:
+            self.create_database(self.udp_database)
 
     def _auth_header(self) -> dict[str, str]:
         import base64

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import ROOT, Report, arguments, need_root  # noqa: E402
 
-TARGET_S = 5.0
+TARGET_S = 1.0
 
 PARTS = r"""
 import json, sys, time

@@ -127,9 +127,10 @@ class ProbeConfig(StrictModel):
     mode: Literal[PROBE_MODES] = "auto"   # type: ignore[valid-type]
     rate_curve: Annotated[list[RateStep], Field(default_factory=_default_rate_curve)]
     max_flows: int = Field(262144, ge=1024)
-    # 16 MiB: a burst of 100k new flows without loss (bench P3, P4); the
-    # agent's RSS shows it twice (the kernel maps the ring twice).
-    ringbuf_pages: Annotated[int, Field(ge=1)] = 4096
+    # 8 MiB (~40,000 records): a burst of 100k new flows in 4 s loses nothing
+    # with half of it (bench P4 with ringbuf_pages=1024; 256 lost 23%), and
+    # every page of it is in the agent's RSS.
+    ringbuf_pages: Annotated[int, Field(ge=1)] = 2048
     netlink_rcvbuf: Annotated[ByteSize, Field(ge=65536)] = 64 * 1024 * 1024
     # netfilter mode: how often to look for the end of flows conntrack sends
     # no DESTROY event for (they predate any event listener).

@@ -2,7 +2,7 @@
  *
  * BCC (libbpf's ring_buffer__consume) calls back into Python once per
  * record, ~1.7 us of ctypes each, and maps the data area twice (so a
- * record that wraps reads as one piece): 16 MiB of ring is 32 MB of the
+ * record that wraps reads as one piece): a ring of N MiB is 2N MB of the
  * agent's RSS, since the kernel maps every page at mmap.  Here take()
  * returns up to `limit` records as a list of bytes in one call, and the
  * data area is mapped once: a record that wraps is copied in two pieces.

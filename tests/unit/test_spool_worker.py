@@ -133,9 +133,9 @@ def test_shutdown_spools_memory_and_a_restart_delivers_it_first(tmp_path, caplog
         second = spooling(sink2, path, stats2)
     assert "60 records spooled before this start" in caplog.text
     new = flows(10, seed=5)
-    second.start()
-    for e in new:
+    for e in new:   # before start: the spool cannot drain first, so these queue behind it
         second.offer(e)
+    second.start()
     wait_for(lambda: len(sink2.written) == 70)
     assert sink2.written == old + new
     second.close(time.monotonic() + 2)

@@ -6,12 +6,16 @@
  * name or text means stays defined in Python and is handed in once by
  * configure(): the flags' JSON, the end reasons' JSON, the label and string
  * encoders for anything unusual; the event's own properties (proto_name,
- * nat, tcp_state_name, end_reason) are read as properties.  Its reference,
+ * nat, tcp_state_name, end_reason) are read as properties.  FlowEvent's
+ * fields are read straight from its slots (as probe/_decode.c writes them),
+ * and the part a record's kind, TCP state and flags decide is kept per
+ * combination: both were most of a record's cost.  Its reference,
  * the record's dict encoded by the json module, is tests/reference/records.py;
  * tests/unit/test_stdout_sink.py compares the two on thousands of events.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <structmember.h>
 #include <stdio.h>
 #include <string.h>
 #include <time.h>
@@ -22,20 +26,35 @@ static PyObject *flags_json;       /* callable: flags int -> JSON text */
 static PyObject *end_reason_json;  /* dict: end reason code -> JSON text */
 static PyObject *labels_json;      /* callable: labels dict -> JSON text (non-text values) */
 static PyObject *encode_str;       /* callable: str -> JSON string (text UTF-8 cannot hold) */
+static PyTypeObject *event_type;   /* FlowEvent: its slots are read directly */
+static PyObject *kinds;            /* tuple: the record kinds, the tail cache's first index */
 
 /* Attribute names, interned once. */
 enum { A_KIND, A_MEMO, A_FLOW_ID, A_FAMILY, A_PROTO_NAME, A_PROTO, A_ORIG, A_REPLY, A_NAT,
        A_PACKETS_ORIG, A_BYTES_ORIG, A_PACKETS_REPLY, A_BYTES_REPLY,
        A_DELTA_PACKETS_ORIG, A_DELTA_BYTES_ORIG, A_DELTA_PACKETS_REPLY, A_DELTA_BYTES_REPLY,
        A_START_NS, A_STOP_NS, A_TS_NS, A_ZONE, A_MARK, A_NETNS, A_STATUS, A_TCP_STATE_NAME,
-       A_FLAGS, A_END_REASON, A_LABELS, A_ICMP, A_COUNT };
+       A_FLAGS, A_END_REASON, A_LABELS, A_ICMP, A_TCP_STATE, A_COUNT };
 static const char *attr_names[A_COUNT] = {
     "kind", "memo", "flow_id", "family", "proto_name", "proto", "orig", "reply", "nat",
     "packets_orig", "bytes_orig", "packets_reply", "bytes_reply",
     "delta_packets_orig", "delta_bytes_orig", "delta_packets_reply", "delta_bytes_reply",
     "start_ns", "stop_ns", "ts_ns", "zone", "mark", "netns", "status", "tcp_state_name",
-    "flags", "end_reason", "labels", "icmp"};
+    "flags", "end_reason", "labels", "icmp", "tcp_state"};
 static PyObject *attrs[A_COUNT];
+static Py_ssize_t slot_at[A_COUNT];   /* FlowEvent's slot offsets; 0: not a slot (a property) */
+
+/* A new reference to attribute a of e: from FlowEvent's slot when it is
+ * one (no attribute lookup), otherwise (a property, a subclass, an unset
+ * slot) as Python reads it. */
+static PyObject *get(PyObject *e, int a) {
+    if (slot_at[a] && Py_IS_TYPE(e, event_type)) {
+        PyObject *v = *(PyObject **)((char *)e + slot_at[a]);
+        if (v)
+            return Py_NewRef(v);
+    }
+    return PyObject_GetAttr(e, attrs[a]);
+}
 
 /* -- a growing byte buffer ------------------------------------------------------ */
 typedef struct {
@@ -173,7 +192,7 @@ static int put_int(Buf *b, PyObject *v) {
 }
 
 static int put_attr_int(Buf *b, PyObject *e, int a) {
-    PyObject *v = PyObject_GetAttr(e, attrs[a]);
+    PyObject *v = get(e, a);
     if (!v)
         return -1;
     int rc = put_int(b, v);
@@ -219,7 +238,7 @@ static int put_time(Buf *b, PyObject *ns_obj, int nullable) {
 }
 
 static int put_attr_time(Buf *b, PyObject *e, int a, int nullable) {
-    PyObject *v = PyObject_GetAttr(e, attrs[a]);
+    PyObject *v = get(e, a);
     if (!v)
         return -1;
     int rc = put_time(b, v, nullable);
@@ -246,9 +265,9 @@ static PyObject *identity_text(PyObject *e) {
     b.p = b.local;
     PyObject *out = NULL, *fid = NULL, *name = NULL, *orig = NULL, *reply = NULL, *nat = NULL;
     char tmp[32];
-    if (!(fid = PyObject_GetAttr(e, attrs[A_FLOW_ID])) || !(name = PyObject_GetAttr(e, attrs[A_PROTO_NAME]))
-        || !(orig = PyObject_GetAttr(e, attrs[A_ORIG])) || !(reply = PyObject_GetAttr(e, attrs[A_REPLY]))
-        || !(nat = PyObject_GetAttr(e, attrs[A_NAT])))
+    if (!(fid = get(e, A_FLOW_ID)) || !(name = get(e, A_PROTO_NAME))
+        || !(orig = get(e, A_ORIG)) || !(reply = get(e, A_REPLY))
+        || !(nat = get(e, A_NAT)))
         goto done;
     unsigned long long id = PyLong_AsUnsignedLongLong(fid);
     if (PyErr_Occurred())
@@ -279,7 +298,7 @@ done:
 
 /* The identity part, from the flow's memo when it has one (made once per flow). */
 static int put_identity(Buf *b, PyObject *e) {
-    PyObject *memo = PyObject_GetAttr(e, attrs[A_MEMO]);
+    PyObject *memo = get(e, A_MEMO);
     if (!memo)
         return -1;
     PyObject *text = NULL;
@@ -335,16 +354,14 @@ static int put_icmp(Buf *b, PyObject *icmp) {
     return 0;
 }
 
-/* "tcp_state" .. "labels" and "icmp": the values that are not plain numbers. */
-static int put_tail(Buf *b, PyObject *e) {
+/* ,"tcp_state":..,"flags":..,"end_reason":.. from the event's properties. */
+static int put_state_made(Buf *b, PyObject *e) {
     int rc = -1;
-    PyObject *state = NULL, *flags = NULL, *reason = NULL, *labels = NULL, *icmp = NULL;
-    if (!(state = PyObject_GetAttr(e, attrs[A_TCP_STATE_NAME])) || !(flags = PyObject_GetAttr(e, attrs[A_FLAGS]))
-        || !(reason = PyObject_GetAttr(e, attrs[A_END_REASON])) || !(labels = PyObject_GetAttr(e, attrs[A_LABELS]))
-        || !(icmp = PyObject_GetAttr(e, attrs[A_ICMP])))
+    PyObject *state = NULL, *flags = NULL, *reason = NULL;
+    if (!(state = get(e, A_TCP_STATE_NAME)) || !(flags = get(e, A_FLAGS)) || !(reason = get(e, A_END_REASON)))
         goto done;
-    int has_state = PyObject_IsTrue(state), has_labels = PyObject_IsTrue(labels);
-    if (has_state < 0 || has_labels < 0)
+    int has_state = PyObject_IsTrue(state);
+    if (has_state < 0)
         goto done;
     if (PUT(b, ",\"tcp_state\":") || (has_state ? put_str(b, state) : PUT(b, "null")) || PUT(b, ",\"flags\":")
         || put_called(b, flags_json, flags) || PUT(b, ",\"end_reason\":"))
@@ -352,13 +369,85 @@ static int put_tail(Buf *b, PyObject *e) {
     PyObject *reason_text = PyDict_GetItemWithError(end_reason_json, reason);
     if (reason_text ? put_text(b, reason_text) : (PyErr_Occurred() ? -1 : PUT(b, "null")))
         goto done;
-    if (PUT(b, ",\"labels\":") || (has_labels ? put_labels(b, labels) : PUT(b, "{}")) || put_icmp(b, icmp))
-        goto done;
     rc = 0;
 done:
     Py_XDECREF(state);
     Py_XDECREF(flags);
     Py_XDECREF(reason);
+    return rc;
+}
+
+/* That part depends only on the record's kind, whether it is TCP, its TCP
+ * state and its flags (FlowEvent.tcp_state_name and .end_reason, and
+ * flags_json, read no other field): it is made once per combination and
+ * kept (the GIL guards this cache; configure() empties it). */
+#define KIND_SLOTS 3
+#define STATE_SLOTS 16
+#define FLAG_SLOTS 64
+static PyObject *state_parts[KIND_SLOTS][2][STATE_SLOTS][FLAG_SLOTS];
+
+static int kind_index(PyObject *kind) {
+    Py_ssize_t n = PyTuple_GET_SIZE(kinds) < KIND_SLOTS ? PyTuple_GET_SIZE(kinds) : KIND_SLOTS;
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (PyTuple_GET_ITEM(kinds, i) == kind)
+            return (int)i;
+    for (Py_ssize_t i = 0; PyUnicode_CheckExact(kind) && i < n; i++)
+        if (PyUnicode_Compare(PyTuple_GET_ITEM(kinds, i), kind) == 0)
+            return (int)i;
+    return -1;
+}
+
+/* The cache entry of e's combination, or NULL when e has none (unusual values). */
+static PyObject **state_part_of(PyObject *e) {
+    PyObject *kind = get(e, A_KIND), *proto = get(e, A_PROTO), *state = get(e, A_TCP_STATE),
+             *flags = get(e, A_FLAGS);
+    PyObject **slot = NULL;
+    if (kind && proto && state && flags && PyLong_CheckExact(proto) && PyLong_CheckExact(state)
+        && PyLong_CheckExact(flags)) {
+        long p = PyLong_AsLong(proto), s = PyLong_AsLong(state), f = PyLong_AsLong(flags);
+        int k = kind_index(kind);
+        if (!PyErr_Occurred() && k >= 0 && s >= 0 && s < STATE_SLOTS && f >= 0 && f < FLAG_SLOTS)
+            slot = &state_parts[k][p == 6][s][f];
+    }
+    PyErr_Clear();   /* whatever failed here fails again, reported, in put_state_made() */
+    Py_XDECREF(kind);
+    Py_XDECREF(proto);
+    Py_XDECREF(state);
+    Py_XDECREF(flags);
+    return slot;
+}
+
+static int put_state(Buf *b, PyObject *e) {
+    PyObject **slot = state_part_of(e);
+    if (slot && *slot)
+        return put(b, PyBytes_AS_STRING(*slot), PyBytes_GET_SIZE(*slot));
+    Py_ssize_t from = b->len;
+    if (put_state_made(b, e))
+        return -1;
+    if (slot && !(*slot = PyBytes_FromStringAndSize(b->p + from, b->len - from)))
+        return -1;
+    return 0;
+}
+
+static void forget_state_parts(void) {
+    PyObject **all = &state_parts[0][0][0][0];
+    for (size_t i = 0; i < sizeof state_parts / sizeof *all; i++)
+        Py_CLEAR(all[i]);
+}
+
+/* "tcp_state" .. "labels" and "icmp": the values that are not plain numbers. */
+static int put_tail(Buf *b, PyObject *e) {
+    int rc = -1;
+    PyObject *labels = NULL, *icmp = NULL;
+    if (put_state(b, e) || !(labels = get(e, A_LABELS)) || !(icmp = get(e, A_ICMP)))
+        goto done;
+    int has_labels = PyObject_IsTrue(labels);
+    if (has_labels < 0)
+        goto done;
+    if (PUT(b, ",\"labels\":") || (has_labels ? put_labels(b, labels) : PUT(b, "{}")) || put_icmp(b, icmp))
+        goto done;
+    rc = 0;
+done:
     Py_XDECREF(labels);
     Py_XDECREF(icmp);
     return rc;
@@ -376,7 +465,7 @@ static const struct { int attr; const char *before; } PLACE[] = {
 };
 
 static int put_line(Buf *b, PyObject *e) {
-    PyObject *kind = PyObject_GetAttr(e, attrs[A_KIND]);
+    PyObject *kind = get(e, A_KIND);
     if (!kind)
         return -1;
     int rc = PUT(b, "{\"kind\":") || put_str(b, kind) || PUT(b, ",") || put_identity(b, e);
@@ -410,23 +499,42 @@ static PyObject *json_line(PyObject *module, PyObject *e) {
     return out;
 }
 
+/* The offset of each attribute that is one of the class's slots (0 for the others). */
+static int find_slots(PyTypeObject *type) {
+    for (int i = 0; i < A_COUNT; i++) {
+        PyObject *d = PyObject_GetAttr((PyObject *)type, attrs[i]);
+        if (!d)
+            return -1;
+        slot_at[i] = Py_IS_TYPE(d, &PyMemberDescr_Type) && ((PyMemberDescrObject *)d)->d_member->type == T_OBJECT_EX
+                         ? ((PyMemberDescrObject *)d)->d_member->offset : 0;
+        Py_DECREF(d);
+    }
+    return 0;
+}
+
 static PyObject *configure(PyObject *module, PyObject *args) {
-    PyObject *key, *flags, *reasons, *labels, *str;
-    if (!PyArg_ParseTuple(args, "OOO!OO:configure", &key, &flags, &PyDict_Type, &reasons, &labels, &str))
+    PyObject *type, *kind_names, *key, *flags, *reasons, *labels, *str;
+    if (!PyArg_ParseTuple(args, "O!O!OOO!OO:configure", &PyType_Type, &type, &PyTuple_Type, &kind_names, &key,
+                          &flags, &PyDict_Type, &reasons, &labels, &str))
         return NULL;
-    PyObject **slots[] = {&identity_key, &flags_json, &end_reason_json, &labels_json, &encode_str};
-    PyObject *values[] = {key, flags, reasons, labels, str};
-    for (int i = 0; i < 5; i++) {
+    if (find_slots((PyTypeObject *)type) < 0)
+        return NULL;
+    PyObject **slots[] = {(PyObject **)&event_type, &kinds, &identity_key, &flags_json, &end_reason_json,
+                          &labels_json, &encode_str};
+    PyObject *values[] = {type, kind_names, key, flags, reasons, labels, str};
+    for (int i = 0; i < 7; i++) {
         Py_INCREF(values[i]);
         Py_XSETREF(*slots[i], values[i]);
     }
+    forget_state_parts();
     Py_RETURN_NONE;
 }
 
 static PyMethodDef methods[] = {
     {"json_line", json_line, METH_O, "json_line(event) -> the event's documented JSON record, one line."},
     {"configure", configure, METH_VARARGS,
-     "configure(identity_key, flags_json, end_reason_json, labels_json, encode_str): the Python side's definitions."},
+     "configure(FlowEvent, kinds, identity_key, flags_json, end_reason_json, labels_json, encode_str): "
+     "the Python side's definitions."},
     {NULL, NULL, 0, NULL},
 };
 

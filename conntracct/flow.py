@@ -40,7 +40,9 @@ TCP_ENDED = frozenset(range(TCP_STATES.index("fin_wait"), TCP_STATES.index("clos
 def flow_end_reason(kind: str, proto: int, tcp_state: int, flags: int) -> int:
     """The flowEndReason of a record: a DESTROY is the end of a TCP flow seen
     to close (FIN/RST), a forced end when the agent never saw its end event
-    (end_unseen), an idle timeout otherwise; an UPDATE is an active timeout."""
+    (end_unseen), an idle timeout otherwise; an UPDATE is an active timeout.
+    conntracct/_jsonline.c keeps this and tcp_state_name's JSON per (kind,
+    proto == 6, tcp_state, flags): they may read nothing else."""
     if kind == DESTROY:
         if flags & FLAG_END_UNSEEN:
             return FORCED_END

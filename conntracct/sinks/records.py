@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from functools import lru_cache
 
 from .. import _jsonline
-from ..flow import END_REASONS, FLAG_NAMES, FlowEvent
+from ..flow import END_REASONS, FLAG_NAMES, KINDS, FlowEvent
 
 
 def flag_names(flags: int) -> list[str]:
@@ -75,5 +75,5 @@ _JSON_IDENTITY = object()   # json_line's key in FlowEvent.memo
 # flags, end reasons and odd labels from here.  Its reference, the dict
 # encoded, is tests/reference/records.py (flow_record); the unit tests
 # compare the two.
-_jsonline.configure(_JSON_IDENTITY, _flags_json, _END_REASON_JSON, _labels_json, _STR)
+_jsonline.configure(FlowEvent, KINDS, _JSON_IDENTITY, _flags_json, _END_REASON_JSON, _labels_json, _STR)
 json_line: Callable[[FlowEvent], str] = _jsonline.json_line

@@ -63,7 +63,7 @@ def timed_compile(*args, **kw):
         took["compile"] = time.perf_counter() - start
 loader.compile_probe = timed_compile
 t3 = time.perf_counter()
-probe = loader.Probe(mode, loader.ProbeSettings.from_config(), lambda raw: None, True)
+probe = loader.Probe(mode, loader.ProbeSettings.from_config(), lambda records: None, True)
 t4 = time.perf_counter()
 probe.close()
 print(json.dumps({"mode": mode, "import": t1 - t0, "detect": t2 - t1, "compile": took["compile"],

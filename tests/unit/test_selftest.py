@@ -224,8 +224,7 @@ class FakeSource:
         mine = event(flow, NEW, TCP_TOTALS)
         other = event(flow, NEW, TCP_TOTALS)
         other.netns = ROUTER_NETNS + 1
-        self.emit(other)
-        self.emit(mine)
+        self.emit([other, mine])
         stop.wait()
 
     def stats(self):

@@ -107,7 +107,7 @@ class Agent:
         lacking = privileges.problem(cfg.probe.netns, cfg.probe.mode)
         if lacking:
             raise EnvironmentProblem(lacking)
-        compiler.start_early()     # BCC's process starts while the sinks and mode detection do
+        compiler.start_early(cfg.probe.cache_dir)   # BCC's process starts while the sinks and mode detection do
         try:
             self.pipeline = Pipeline.from_config(cfg.sinks, self.stats)
         except SinkError as e:

@@ -63,9 +63,9 @@ netns_option = click.option("--netns", metavar="PATH",
 def run(config_path: str | None, mode: str | None, ensure_tracking: bool, netns: str | None) -> None:
     """Run the agent until SIGINT/SIGTERM, then drain the sinks and exit 0."""
     from .probe import compiler
-    compiler.start_early()      # first: BCC's process starts while the agent's modules load
-    from .agent import Agent, EnvironmentProblem
     config = configured(config_path, mode)
+    compiler.start_early(config.probe.cache_dir)   # BCC's process starts while the agent's modules load
+    from .agent import Agent, EnvironmentProblem
     if ensure_tracking:
         config.conntrack.ensure_tracking = True
     if netns is not None:

@@ -138,6 +138,9 @@ class ProbeConfig(StrictModel):
     # The network namespace to account (a path such as /var/run/netns/NAME or
     # /proc/PID/ns/net); default: the agent's own.  Sinks stay in the agent's.
     netns: Annotated[str | None, AfterValidator(_existing_path)] = None
+    # Where the compiled probe is kept for the next start on the same kernel
+    # (no BCC compile then: bench P5); "" compiles at every start.
+    cache_dir: str = "/var/cache/conntracct"
 
     _check_curve = field_validator("rate_curve")(_check_rate_curve)
     _check_pages = field_validator("ringbuf_pages")(_power_of_two)

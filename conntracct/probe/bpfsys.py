@@ -20,7 +20,7 @@ from pathlib import Path
 
 BPF_PROG_TYPE_NETFILTER = 32
 BPF_NETFILTER = 45
-_BPF_MAP_LOOKUP_ELEM, _BPF_MAP_UPDATE_ELEM, _BPF_MAP_GET_NEXT_KEY = 1, 2, 4
+_BPF_MAP_CREATE, _BPF_MAP_LOOKUP_ELEM, _BPF_MAP_UPDATE_ELEM, _BPF_MAP_GET_NEXT_KEY = 0, 1, 2, 4
 _BPF_OBJ_GET_INFO_BY_FD = 15
 _BPF_MAP_LOOKUP_AND_DELETE_ELEM = 21
 _BPF_LINK_CREATE = 28
@@ -73,9 +73,8 @@ class _InfoAttr(ctypes.Structure):
 # stable UAPI struct (since Linux 5.1); the rest is not needed.
 _PROG_INFO_SIZE = 232
 _RUN_TIME_AT, _RUN_CNT_AT = 192, 200
-# struct bpf_map_info: type, id, key_size, value_size, max_entries, ...
+# struct bpf_map_info: type, id, key_size, value_size, max_entries, map_flags, name, ...
 _MAP_INFO_SIZE = 80
-_MAX_ENTRIES_AT = 16
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -164,12 +163,39 @@ def possible_cpus() -> int:
 
 def map_max_entries(map_fd: int) -> int:
     """A map's max_entries (for a ring buffer: its data size in bytes)."""
+    return map_shape(map_fd)["max_entries"]
+
+
+class _MapCreateAttr(ctypes.Structure):
+    # union bpf_attr, map_create member up to map_name.
+    _fields_ = [("map_type", ctypes.c_uint32), ("key_size", ctypes.c_uint32), ("value_size", ctypes.c_uint32),
+                ("max_entries", ctypes.c_uint32), ("map_flags", ctypes.c_uint32), ("inner_map_fd", ctypes.c_uint32),
+                ("numa_node", ctypes.c_uint32), ("map_name", ctypes.c_char * 16), ("_rest", ctypes.c_uint8 * 96)]
+
+
+# struct bpf_map_info's first fields, in order (all u32), then the name.
+_MAP_SHAPE = ("map_type", "id", "key_size", "value_size", "max_entries", "map_flags")
+
+
+def map_shape(map_fd: int) -> dict[str, int]:
+    """What a map was created with: type, key and value sizes, max_entries, flags."""
     info = ctypes.create_string_buffer(_MAP_INFO_SIZE)
     attr = _InfoAttr(bpf_fd=map_fd, info_len=_MAP_INFO_SIZE, info=ctypes.addressof(info))
     ret, err = _bpf(_BPF_OBJ_GET_INFO_BY_FD, attr)
     if ret < 0:
         raise OSError(err, f"bpf map info: {os.strerror(err)}")
-    return int.from_bytes(info.raw[_MAX_ENTRIES_AT:_MAX_ENTRIES_AT + 4], "little")
+    shape = dict(zip(_MAP_SHAPE, struct.unpack_from("<6I", info.raw), strict=True))
+    del shape["id"]
+    return shape
+
+
+def create_map(name: str, shape: dict[str, int]) -> int:
+    """A new map of map_shape()'s shape; its fd."""
+    attr = _MapCreateAttr(map_name=name.encode()[:15], **shape)
+    fd, err = _bpf(_BPF_MAP_CREATE, attr)
+    if fd < 0:
+        raise OSError(err, f"bpf map {name}: {os.strerror(err)}")
+    return fd
 
 
 def prog_run_stats(prog_fd: int) -> tuple[int, int]:
@@ -361,14 +387,15 @@ class BatchTaker:
         self._slots.close()
 
 
-def load_program(prog_type: int, insns: bytes, name: bytes, flags: int = 0) -> int:
+def load_program(prog_type: int, insns: bytes, name: bytes, flags: int = 0, attach_type: int = 0) -> int:
     """Load compiled instructions (map fds already in them, as BCC leaves
     them); the program's fd, or OSError with the verifier's last words."""
     code = ctypes.create_string_buffer(insns, len(insns))
     license_ = ctypes.create_string_buffer(b"GPL")
     log = ctypes.create_string_buffer(1 << 16)
     attr = _ProgLoadAttr(prog_type=prog_type, insn_cnt=len(insns) // 8, insns=ctypes.addressof(code),
-                         license=ctypes.addressof(license_), prog_flags=flags, prog_name=name[:15])
+                         license=ctypes.addressof(license_), prog_flags=flags, prog_name=name[:15],
+                         expected_attach_type=attach_type, kern_version=_kernel_version_code())
     fd, err = _bpf(_BPF_PROG_LOAD, attr)
     if fd < 0:     # again, with the verifier's log
         attr.log_level, attr.log_size, attr.log_buf = 1, len(log), ctypes.addressof(log)

@@ -11,7 +11,10 @@ then exits.  The kernel objects live on through those descriptors: the
 agent attaches the programs and reads the maps with bpf(2) itself
 (bpfsys).
 
-The child imports nothing of the agent's but bpfsys (ctypes), so it
+Asked to (Request.image_dir), the child also keeps an image of what it
+loaded (probe/image.py), which later starts load without it (from_image).
+
+The child imports nothing of the agent's but bpfsys and image, so it
 starts in about the time `import bcc` takes, and the agent starts it
 early (start_early) so that overlaps its own start-up.  It inherits the
 caller's ambient capabilities; maps and programs belong to no network
@@ -20,6 +23,7 @@ namespace (the agent links them in its own).
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -30,7 +34,7 @@ from dataclasses import dataclass, field
 from importlib.util import find_spec
 from pathlib import Path
 
-from . import bpfsys
+from . import bpfsys, image
 
 # A reply carries a few maps and programs: far below SCM_MAX_FD (253).
 _REPLY_LIMIT = 1 << 16
@@ -46,6 +50,9 @@ class Request:
     maps: list[str]
     # Programs BCC loads and attaches itself as it compiles (KFUNC_PROBE/KRETFUNC_PROBE).
     autoattached: bool = False
+    # Keep an image of what was loaded in this folder, under this key (probe/image.py).
+    image_dir: str = ""
+    image_key: str = ""
 
 
 @dataclass
@@ -72,6 +79,11 @@ class CompileError(Exception):
 def bcc_installed() -> bool:
     """Whether `import bcc` would work, without importing it (that loads libbcc, ~13 MB)."""
     return find_spec("bcc") is not None
+
+
+def header_tree() -> Path:
+    """The kernel headers BCC compiles with."""
+    return Path("/lib/modules") / os.uname().release / "build"
 
 
 def bcc_version() -> str:
@@ -103,13 +115,26 @@ class _Child:
 _started: _Child | None = None
 
 
-def start_early() -> None:
+def start_early(image_dir: str = "") -> None:
     """Start the compiler child now, before its request: its interpreter and
     `import bcc` (~0.3 s) then overlap the caller's own start-up (bench P5).
+    Not when `image_dir` holds probe images: one is likely to fit.
     A child whose caller goes away without asking exits."""
     global _started
-    if _started is None and bcc_installed():
+    if _started is None and bcc_installed() and not image.any_kept(image_dir):
         _started = _Child()
+
+
+def from_image(kept: dict, request: Request) -> Compiled:
+    """The probe loaded from an image (image.instantiate), without BCC; the
+    compiler child started early, if any, is sent away."""
+    global _started
+    if _started is not None:
+        _started.sock.close()
+        _started.proc.wait()
+        _started = None
+    maps, programs, refused = image.instantiate(kept, request.maps, {name for name, _ in request.sleepable})
+    return Compiled(maps=maps, programs=programs, refused=refused)
 
 
 def compile_and_load(request: Request) -> Compiled:
@@ -149,7 +174,24 @@ def _build(request: Request, BPF) -> Compiled:
                                                      bpfsys.BPF_F_SLEEPABLE)
         except OSError as e:
             out.refused[name] = str(e)
+    if request.image_dir and not request.autoattached:
+        kept = _capture(b, request, out)
+        if kept is not None:
+            image.write(request.image_dir, request.image_key, kept)
     return out
+
+
+def _capture(b, request: Request, built: Compiled) -> dict | None:
+    """image.capture() of what _build() loaded: every map the source defines, by name."""
+    from bcc.libbcc import lib
+    lib.bpf_num_tables.restype, lib.bpf_num_tables.argtypes = ctypes.c_size_t, [ctypes.c_void_p]
+    lib.bpf_table_name.restype, lib.bpf_table_name.argtypes = ctypes.c_char_p, [ctypes.c_void_p, ctypes.c_size_t]
+    tables = [lib.bpf_table_name(b.module, i) for i in range(lib.bpf_num_tables(b.module))]
+    maps = {name.decode(): lib.bpf_table_fd(b.module, name) for name in tables}
+    kinds = {name: (prog_type, attach_type, 0) for name, prog_type, attach_type in request.programs}
+    kinds.update((name, (prog_type, -1, bpfsys.BPF_F_SLEEPABLE)) for name, prog_type in request.sleepable)
+    programs = {name: (b.dump_func(name.encode()), *kinds[name]) for name in built.programs}
+    return image.capture(programs, maps, request.maps, built.refused)
 
 
 def _serve(sock: socket.socket) -> None:

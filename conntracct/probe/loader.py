@@ -7,14 +7,14 @@ import logging
 import os
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..config import ATTACH_MODES, ProbeConfig
-from . import bpfsys
+from . import bpfsys, image
 from ._ring import Ring
 from .btf import kernel_btf
-from .compiler import Compiled, CompileError, Request, bcc_version, compile_and_load
+from .compiler import Compiled, CompileError, Request, bcc_version, compile_and_load, from_image, header_tree
 from .layout import DEFINES, STRUCTS
 from .offsets import kernel_offsets
 from .record import FLOW_KEY, FLOW_STATE, STAT_NAMES, FlowState
@@ -79,6 +79,7 @@ class ProbeSettings:
     final_interval_ns: int
     max_flows: int
     ringbuf_pages: int
+    cache_dir: str      # probe images (probe/image.py); "": none
 
     @classmethod
     def from_config(cls, probe: ProbeConfig | None = None) -> ProbeSettings:
@@ -86,7 +87,7 @@ class ProbeSettings:
         probe = probe if probe is not None else ProbeConfig()
         curve, final = probe.rate_curve_ns()
         return cls(rate_curve=curve, final_interval_ns=final, max_flows=probe.max_flows,
-                   ringbuf_pages=probe.ringbuf_pages)
+                   ringbuf_pages=probe.ringbuf_pages, cache_dir=probe.cache_dir)
 
 
 def rate_curve_macro(curve: list[tuple[int, int]], final_ns: int) -> str:
@@ -169,7 +170,8 @@ def kprobe_targets(destroy: str) -> dict[str, tuple[str, bool]]:
 
 
 def compile_probe(mode: str, settings: ProbeSettings, destroy: str = DESTROY_FUNCS[0]) -> Compiled:
-    """BCC-compile the probe for one mode and load its programs (fentry's attach as they load)."""
+    """BCC-compile the probe for one mode and load its programs (fentry's
+    attach as they load), or load the image a previous compile kept."""
     if mode == "fentry":
         why = fentry_unreachable(destroy)
         if why:
@@ -177,6 +179,16 @@ def compile_probe(mode: str, settings: ProbeSettings, destroy: str = DESTROY_FUN
     request = Request(source=str(PROBE_SOURCE), cflags=cflags(mode, settings, destroy),
                       programs=MODE_PROGRAMS[mode], maps=MAPS[mode], autoattached=mode == "fentry",
                       sleepable=[(BATCH_PROGRAM, bpfsys.BPF_PROG_TYPE_SYSCALL)] if mode == "netfilter" else [])
+    if settings.cache_dir and not request.autoattached:
+        sources = [*PROBE_SOURCE.parent.glob("*.c"), *PROBE_SOURCE.parent.glob("*.h")]
+        image_key = image.key(request.__dict__, sources, header_tree(), bcc_version())
+        kept = image.read(settings.cache_dir, image_key)
+        if kept is not None:
+            try:
+                return from_image(kept, request)
+            except (OSError, ValueError) as e:
+                log.warning("%s probe: the kept image was not loaded (%s): compiling", mode, e)
+        request = replace(request, image_dir=settings.cache_dir, image_key=image_key)
     try:
         return compile_and_load(request)
     except (CompileError, OSError) as e:

@@ -7,14 +7,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import platform
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import instance, netns, privileges
 from . import bpfsys
 from .btf import BTFError, kernel_btf
-from .compiler import bcc_installed, bcc_version
+from .compiler import bcc_installed, bcc_version, header_tree
 from .loader import DESTROY_FUNCS, MODES, REFRESH_FUNC, fentry_unreachable, refused
 from .offsets import kernel_offsets
 
@@ -43,10 +42,6 @@ def check_bcc() -> Check:
         return Check("bcc", False, "python3 module 'bcc' not found: install Debian's python3-bpfcc "
                                    "(./tasks.py setup does), and run from a venv with system site packages")
     return Check("bcc", True, f"BCC {bcc_version()}")
-
-
-def header_tree() -> Path:
-    return Path("/lib/modules") / platform.release() / "build"
 
 
 def check_headers() -> Check:

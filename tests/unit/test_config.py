@@ -93,8 +93,8 @@ def test_duplicate_yaml_key_is_an_error():
 def test_unknown_key_names_path_line_and_suggests():
     message = error_of("probe:\n  mode: auto\n  max_flow: 5000\n")
     assert message.startswith("test.yml:3: probe.max_flow: unknown key (did you mean 'max_flows'?)")
-    assert ("expected one of: max_flows, mode, netlink_rcvbuf, netns, rate_curve, ringbuf_pages, sweep_interval "
-            "(got 5000)") in message
+    assert ("expected one of: cache_dir, max_flows, mode, netlink_rcvbuf, netns, rate_curve, ringbuf_pages, "
+            "sweep_interval (got 5000)") in message
 
 
 def test_bad_type_names_key_value_and_expectation():

@@ -235,22 +235,6 @@ def test_full_queue_drops_new_and_update_first_and_destroy_last():
     assert (snap["received"], snap["emitted"], snap["dropped"]) == (9, 4, 5)
 
 
-def test_one_offer_of_many_records_queues_and_drops_as_offers_one_by_one():
-    kinds = [NEW, DESTROY, UPDATE, UPDATE, UPDATE, DESTROY, DESTROY, DESTROY, DESTROY, NEW, DESTROY]
-    outcomes = []
-    for offer_all in (True, False):
-        stats, sink = Stats(), FakeSink()
-        worker = make_worker(sink, stats, queue_size=4, batch_size=3)   # not started: nothing drains
-        events = [flow(kind, flow_id=i) for i, kind in enumerate(kinds)]
-        queued = worker.offer_many(events) if offer_all else sum(map(worker.offer, events))
-        worker.start()
-        worker.close(time.monotonic() + 1)
-        assert worker.join(1)
-        snap = stats.snapshot()["sinks"]["fake"]
-        outcomes.append((queued, ids(sink.events), snap["dropped_by"]["queue_full"], snap["received"]))
-    assert outcomes[0] == outcomes[1] == (7, [1, 5, 6, 7], {NEW: 2, UPDATE: 3, DESTROY: 2}, 11)
-
-
 def test_batches_keep_offer_order_across_kinds():
     sink = FakeSink()
     worker = make_worker(sink, batch_size=6)

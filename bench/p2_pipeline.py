@@ -143,26 +143,24 @@ def raw_records(n: int, seed: int = 1, kinds: tuple[int, ...] | None = None) -> 
 
 
 class ReaderPath:
-    """FlowSource._on_records and _deliver's work on one read, then the agent's emit()."""
+    """FlowSource._on_record and _deliver's per-record work, then the agent's emit()."""
 
     def __init__(self, worker: SinkWorker, wall_offset_ns: int):
         self.wall_offset = wall_offset_ns
         self.enrich = Enricher(EnrichConfig(labels={"site": "fra1"}, local_addresses=LOCAL_NETS))
-        self.offer_many = worker.offer_many
+        self.offer = worker.offer
 
     def feed(self, records: list[bytes]) -> None:
-        wall_offset, events = self.wall_offset, []
+        wall_offset, enrich, offer = self.wall_offset, self.enrich, self.offer
         for raw in records:
             event = decode(raw, wall_offset)
             if event.kind == TRACK:
                 continue
             new = first_sight_new(event)
-            if new is not None:
-                events.append(new)
-            events.append(event)
-        enriched = [e for e in map(self.enrich, events) if e is not None]
-        if enriched:
-            self.offer_many(enriched)
+            for e in (new, event) if new is not None else (event,):
+                enriched = enrich(e)
+                if enriched is not None:
+                    offer(enriched)
 
 
 def worker_for(sink_yaml: str) -> tuple[SinkWorker, object]:

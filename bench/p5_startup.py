@@ -73,7 +73,7 @@ def timed_compile(*args, **kw):
         took["image"] = time.perf_counter() - start
 loader.compile_probe = timed_compile
 t3 = time.perf_counter()
-probe = loader.Probe(mode, kept, lambda records: None, True)
+probe = loader.Probe(mode, kept, lambda raw: None, True)
 t4 = time.perf_counter()
 probe.close()
 print(json.dumps({"mode": mode, "import": t1 - t0, "detect": t2 - t1, "compile": t_compile, "image": took["image"],

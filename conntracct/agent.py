@@ -123,18 +123,12 @@ class Agent:
         except nssetup.SetupError as e:
             raise EnvironmentProblem(str(e)) from None
         enrich = Enricher(cfg.enrich, self.stats.stage("enrich"))
-        consumer = self._consumer
+        offer = self._consumer or self.pipeline.offer
 
-        def consume_each(events: list[FlowEvent]) -> None:
-            for event in events:
-                consumer(event)
-
-        offer_many = self.pipeline.offer_many if consumer is None else consume_each
-
-        def emit(events: list[FlowEvent]) -> None:
-            enriched = [e for e in map(enrich, events) if e is not None]
-            if enriched:
-                offer_many(enriched)
+        def emit(event: FlowEvent) -> None:
+            enriched = enrich(event)
+            if enriched is not None:
+                offer(enriched)
 
         for worker in self.pipeline.workers:
             worker.sink.observe(self.snapshot)

@@ -109,40 +109,32 @@ class SinkWorker:
 
     def offer(self, event: FlowEvent) -> bool:
         """Queue one record; never blocks.  False if it was dropped."""
-        return self.offer_many((event,)) == 1
-
-    def offer_many(self, events: Sequence[FlowEvent]) -> int:
-        """Queue records in their order, under one lock; never blocks.
-        Returns how many were queued (the others were dropped, counted)."""
         with self._lock:
-            seq = self._seq
-            self._seq += len(events)
+            self._seq = seq = self._seq + 1
             if not self._accepting:
-                self._stats.add_dropped_events(SHUTDOWN, events)
-                return 0
+                self._stats.add_dropped(SHUTDOWN, event.kind)
+                return False
             destroys, others = self._destroys, self._others
-            capacity, queued = self._capacity, 0
-            before = size = len(destroys) + len(others)
-            for event in events:
-                seq += 1
-                is_destroy = event.kind == DESTROY
-                if size >= capacity:
-                    if not (is_destroy and others):
-                        self._stats.add_dropped(QUEUE_FULL, event.kind)
-                        continue
-                    self._stats.add_dropped(QUEUE_FULL, others.popleft()[1].kind)
-                    size -= 1
-                (destroys if is_destroy else others).append((seq, event))
-                size += 1
-                queued += 1
+            is_destroy = event.kind == DESTROY
+            size = len(destroys) + len(others)
+            if size >= self._capacity:
+                if not (is_destroy and others):
+                    self._stats.add_dropped(QUEUE_FULL, event.kind)
+                    return False
+                self._stats.add_dropped(QUEUE_FULL, others.popleft()[1].kind)
+                size -= 1
+            if is_destroy:
+                destroys.append((seq, event))
+            else:
+                others.append((seq, event))
             # Wake the worker only when it has something new to decide:
-            # its first records (they start the flush timer) or a full batch.
-            if before == 0 and size:
+            # the first record (starts the flush timer) or a full batch.
+            if size == 0:
                 self._oldest = self._clock()
                 self._ready.notify()
-            elif before < self._batch_size <= size:
+            elif size + 1 == self._batch_size:
                 self._ready.notify()
-        return queued
+        return True
 
     def depth(self) -> int:
         return len(self._destroys) + len(self._others)
@@ -380,36 +372,30 @@ class SpoolingWorker(SinkWorker):
 
     # -- reader thread -----------------------------------------------------
 
-    def offer_many(self, events: Sequence[FlowEvent]) -> int:
+    def offer(self, event: FlowEvent) -> bool:
         with self._lock:
-            queued = 0
-            for event in events:
-                queued += self._offer_locked(event)
-        return queued
-
-    def _offer_locked(self, event: FlowEvent) -> bool:
-        self._seq = seq = self._seq + 1
-        if not self._accepting:
-            self._stats.add_dropped(SHUTDOWN, event.kind)
-            return False
-        if not self._spilling:
-            size = len(self._destroys) + len(self._others)
-            if size < self._capacity:
-                (self._destroys if event.kind == DESTROY else self._others).append((seq, event))
-                if size == 0:
-                    self._oldest = self._clock()
-                    self._ready.notify_all()
-                elif size + 1 == self._batch_size:
-                    self._ready.notify_all()
-                return True
-            self._spilling = True
-        overflow = self._overflow
-        if len(overflow) >= self._overflow_limit:   # the disk cannot keep up: as a full memory queue
-            self._stats.add_dropped(QUEUE_FULL, event.kind)
-            return False
-        overflow.append(event)
-        if len(overflow) == 1:
-            self._ready.notify_all()
+            self._seq = seq = self._seq + 1
+            if not self._accepting:
+                self._stats.add_dropped(SHUTDOWN, event.kind)
+                return False
+            if not self._spilling:
+                size = len(self._destroys) + len(self._others)
+                if size < self._capacity:
+                    (self._destroys if event.kind == DESTROY else self._others).append((seq, event))
+                    if size == 0:
+                        self._oldest = self._clock()
+                        self._ready.notify_all()
+                    elif size + 1 == self._batch_size:
+                        self._ready.notify_all()
+                    return True
+                self._spilling = True
+            overflow = self._overflow
+            if len(overflow) >= self._overflow_limit:   # the disk cannot keep up: as a full memory queue
+                self._stats.add_dropped(QUEUE_FULL, event.kind)
+                return False
+            overflow.append(event)
+            if len(overflow) == 1:
+                self._ready.notify_all()
         return True
 
     # -- control -----------------------------------------------------------
@@ -599,8 +585,8 @@ class Pipeline:
     def __init__(self, workers: Iterable[SinkWorker], clock: Clock = time.monotonic):
         self.workers = list(workers)
         self._clock = clock
-        # Each worker's offer_many(), and the kinds it wants (None: every kind).
-        self._routes = [(w.offer_many, None if w.kinds >= set(KINDS) else w.kinds) for w in self.workers]
+        # kind -> the offer() of every worker that wants it: one dict lookup per record.
+        self._routes = {kind: tuple(w.offer for w in self.workers if kind in w.kinds) for kind in KINDS}
 
     @classmethod
     def from_config(cls, sinks: Iterable[SinkConfig], stats: Stats) -> Pipeline:
@@ -624,14 +610,8 @@ class Pipeline:
             worker.start()
 
     def offer(self, event: FlowEvent) -> None:
-        self.offer_many((event,))
-
-    def offer_many(self, events: Sequence[FlowEvent]) -> None:
-        """Records in order to every sink that wants their kinds."""
-        for offer_many, kinds in self._routes:
-            wanted = events if kinds is None else [e for e in events if e.kind in kinds]
-            if wanted:
-                offer_many(wanted)
+        for offer in self._routes.get(event.kind, ()):
+            offer(event)
 
     def close(self, deadline_s: float) -> None:
         """Stop accepting, let every sink drain and close within `deadline_s`

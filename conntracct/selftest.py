@@ -406,12 +406,11 @@ class Recorder:
         self._reader = threading.Thread(target=self._read, name="selftest-flow-reader", daemon=True)
         self._reader.start()
 
-    def _emit(self, events: list[FlowEvent]) -> None:
-        for event in events:
-            if event.netns == self.router:
-                self.events.append(event)
-            else:
-                self.elsewhere += 1
+    def _emit(self, event: FlowEvent) -> None:
+        if event.netns == self.router:
+            self.events.append(event)
+        else:
+            self.elsewhere += 1
 
     def _read(self) -> None:
         try:

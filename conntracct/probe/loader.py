@@ -196,12 +196,11 @@ def compile_probe(mode: str, settings: ProbeSettings, destroy: str = DESTROY_FUN
 
 
 class Probe:
-    """The attached probe, in typed calls: consume() hands the raw records
-    to `on_records`, a list per read of the ring; the per-flow state map,
-    the counters and the programs are read through the methods below
-    (nobody else touches its maps)."""
+    """The attached probe, in typed calls: consume() hands each raw record
+    to `on_record`; the per-flow state map, the counters and the programs
+    are read through the methods below (nobody else touches its maps)."""
 
-    def __init__(self, mode: str, settings: ProbeSettings, on_records, stamped_since_start: bool,
+    def __init__(self, mode: str, settings: ProbeSettings, on_record, stamped_since_start: bool,
                  quiet_kinds: bytes = b""):
         if mode not in MODES:
             raise ProbeError(f"unknown probe mode '{mode}'")
@@ -209,7 +208,7 @@ class Probe:
         self._links: list[int] = []
         self._ring: Ring | None = None
         self._batch_taker: bpfsys.BatchTaker | None = None
-        self._on_records = on_records
+        self._on_record = on_record
         self.wall_offset_ns = wall_offset_ns()
         destroy = destroy_func() if mode != "netfilter" else DESTROY_FUNCS[0]
         self._loaded = compile_probe(mode, settings, destroy)
@@ -264,11 +263,11 @@ class Probe:
     # -- running --------------------------------------------------------------
     def consume(self) -> None:
         """Hand over every record queued now, without waiting."""
-        take, on_records = self._ring.take, self._on_records
+        take, on_record = self._ring.take, self._on_record
         while True:
             batch = take(RING_TAKE_LIMIT)
-            if batch:
-                on_records(batch)
+            for raw in batch:
+                on_record(raw)
             if len(batch) < RING_TAKE_LIMIT:
                 return
 

@@ -1,7 +1,6 @@
 """The flow source: the ring reader.  One thread reads the probe's ring
 buffer (and, in `netfilter` mode, the flow ends of ends.FlowEnds) and hands
-one ordered stream of FlowEvents to the agent, a list at a time: what one
-read of the ring or of ctnetlink brought (one call on for many records)."""
+one ordered stream of FlowEvents to the agent."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ from collections import Counter
 from collections.abc import Callable
 
 from .. import netns
-from ..flow import FLAG_NO_EVENTS, KINDS, NEW, UPDATE, FlowEvent
+from ..flow import FLAG_NO_EVENTS, NEW, UPDATE, FlowEvent
 from .ends import FlowEnds
 from .layout import RECORD_LAYOUT
 from .loader import Probe, ProbeSettings
@@ -45,15 +44,11 @@ def unwanted_kind_codes(kinds: frozenset[str] | None) -> bytes:
     return bytes(KIND_NUMBERS[k] for k in (NEW, UPDATE) if kinds is not None and k not in kinds)
 
 
-_RECEIVED = {kind: "received_" + kind for kind in KINDS}   # counts' keys, by record kind
-
-
 class FlowSource:
     """Reads the probe (and its flow ends) on one thread, so a flow's NEW
-    always precedes its DESTROY, and hands the FlowEvents to `emit` in
-    lists, in that order."""
+    always precedes its DESTROY, and hands each FlowEvent to `emit`."""
 
-    def __init__(self, mode: str, settings: ProbeSettings, emit: Callable[[list[FlowEvent]], None],
+    def __init__(self, mode: str, settings: ProbeSettings, emit: Callable[[FlowEvent], None],
                  stamped_since_start: bool, netlink_rcvbuf: int = 64 << 20,
                  sweep_interval_s: float = 30.0, netns_path: str | None = None,
                  kinds: frozenset[str] | None = None):
@@ -62,7 +57,6 @@ class FlowSource:
         self.max_flows = settings.max_flows
         self.sweep_interval_s = sweep_interval_s
         self._emit = emit
-        self._pending: list[FlowEvent] = []   # delivered, not yet emitted (_flush)
         self.counts: Counter[str] = Counter(dict.fromkeys(COUNTERS, 0))
         # Create everything inside the namespace to account: links and
         # sockets stay bound to it.
@@ -71,7 +65,7 @@ class FlowSource:
             self._ends = (FlowEnds(netlink_rcvbuf, self.counts, self._deliver, netns_path)
                           if mode == "netfilter" else None)
             try:
-                self.probe = Probe(mode, settings, self._on_records, stamped_since_start, self._unwanted)
+                self.probe = Probe(mode, settings, self._on_record, stamped_since_start, self._unwanted)
             except Exception:
                 if self._ends:
                     self._ends.close()
@@ -80,38 +74,29 @@ class FlowSource:
                 self._ends.start(self.probe)
 
     # -- records from the probe ---------------------------------------------
-    def _on_records(self, batch: list[bytes]) -> None:
-        unwanted, ends, counts, offset = self._unwanted, self._ends, self.counts, self.probe.wall_offset_ns
-        for raw in batch:
-            kind = raw[_KIND_AT]
-            if kind in unwanted and not (ends and raw[_FLAGS_AT] & FLAG_NO_EVENTS):
-                counts["received_" + KIND_CODES[kind]] += 1
-                continue
-            try:
-                event = decode(raw, offset)
-            except (ValueError, KeyError) as e:
-                counts["decode_errors"] += 1
-                log.debug("undecodable record: %s", e)
-                continue
-            if event.flags & FLAG_NO_EVENTS and ends:
-                ends.note(raw, event)
-            if event.kind != TRACK:
-                self._deliver(event)
-        self._flush()
+    def _on_record(self, raw: bytes) -> None:
+        kind = raw[_KIND_AT]
+        if kind in self._unwanted and not (self._ends and raw[_FLAGS_AT] & FLAG_NO_EVENTS):
+            self.counts["received_" + KIND_CODES[kind]] += 1
+            return
+        try:
+            event = decode(raw, self.probe.wall_offset_ns)
+        except (ValueError, KeyError) as e:
+            self.counts["decode_errors"] += 1
+            log.debug("undecodable record: %s", e)
+            return
+        if event.flags & FLAG_NO_EVENTS and self._ends:
+            self._ends.note(raw, event)
+        if event.kind != TRACK:
+            self._deliver(event)
 
     def _deliver(self, event: FlowEvent) -> None:
-        """Queue one record for the next _flush() (the end of this read at the latest)."""
         new = first_sight_new(event)
         if new is not None:
             self.counts["received_new"] += 1
-            self._pending.append(new)
-        self.counts[_RECEIVED[event.kind]] += 1
-        self._pending.append(event)
-
-    def _flush(self) -> None:
-        if self._pending:
-            events, self._pending = self._pending, []
-            self._emit(events)
+            self._emit(new)
+        self.counts["received_" + event.kind] += 1
+        self._emit(event)
 
     # -- the reader loop -----------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -139,7 +124,6 @@ class FlowSource:
                     if self._ends:
                         self._ends.sweep_due()
                     next_sweep = time.monotonic() + self.sweep_interval_s
-                self._flush()
             self.drain()
         finally:
             poller.close()
@@ -149,7 +133,6 @@ class FlowSource:
         self.probe.consume()
         if self._ends:
             self._ends.on_events()
-        self._flush()
 
     def stats(self) -> dict:
         out: dict = dict(self.counts)

@@ -109,7 +109,7 @@ def test_the_agent_process_never_loads_bcc():
             "from conntracct.probe.modes import choose_mode\n"
             "mode, _, why = choose_mode('auto')\n"
             "assert mode, why\n"
-            "p = Probe(mode, ProbeSettings.from_config(), lambda records: None, False)\n"
+            "p = Probe(mode, ProbeSettings.from_config(), lambda raw: None, False)\n"
             "p.close()\n"
             "maps = open('/proc/self/maps').read()\n"
             "print('bcc' in sys.modules, 'libbcc' in maps, 'libLLVM' in maps)\n")
@@ -161,7 +161,7 @@ def test_forcing_a_mode_attaches_the_whole_probe_or_says_why(mode):
     # private namespace (the others are global anyway).
     with Topology() as topo, netns.entered(topo.ns_path("router") if mode == "netfilter" else None):
         settings = ProbeSettings.from_config(ProbeConfig(max_flows=1024, ringbuf_pages=8))
-        probe = Probe(mode, settings, lambda records: None, False)
+        probe = Probe(mode, settings, lambda raw: None, False)
         try:
             assert probe.program_stats()
         finally:

@@ -37,7 +37,7 @@ def test_records_wrapping_at_the_data_end_come_out_whole_and_once():
     stop = threading.Event()
     with Topology(acct=True, timestamp=True) as topo, netns.entered(topo.ns_path("router")):
         probe = Probe("netfilter", ProbeSettings.from_config(ProbeConfig(max_flows=65536, ringbuf_pages=PAGES)),
-                      got.extend, False)
+                      got.append, False)
         data_size = bpfsys.map_max_entries(probe.ring_fd)
 
         def read() -> None:

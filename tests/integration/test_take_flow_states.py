@@ -32,7 +32,7 @@ def probe():
         pytest.skip(f"this kernel has no BPF netfilter programs: {try_netfilter().detail}")
     with Topology() as topo, netns.entered(topo.ns_path("router")):
         p = Probe("netfilter", ProbeSettings.from_config(ProbeConfig(max_flows=4096, ringbuf_pages=8)),
-                  lambda records: None, False)
+                  lambda raw: None, False)
         try:
             yield p
         finally:
@@ -83,7 +83,7 @@ def test_a_kernel_refusing_the_batch_program_takes_one_at_a_time(monkeypatch, ca
     caplog.set_level(logging.INFO, logger="conntracct.probe.loader")
     with Topology() as topo, netns.entered(topo.ns_path("router")):
         probe = Probe("netfilter", ProbeSettings.from_config(ProbeConfig(max_flows=1024, ringbuf_pages=8)),
-                      lambda records: None, False)
+                      lambda raw: None, False)
         try:
             assert not probe.takes_in_batches
             assert "one syscall per flow: the batch program was refused" in caplog.text

@@ -224,7 +224,8 @@ class FakeSource:
         mine = event(flow, NEW, TCP_TOTALS)
         other = event(flow, NEW, TCP_TOTALS)
         other.netns = ROUTER_NETNS + 1
-        self.emit([other, mine])
+        self.emit(other)
+        self.emit(mine)
         stop.wait()
 
     def stats(self):

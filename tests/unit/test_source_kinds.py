@@ -37,7 +37,7 @@ def flow_source(kinds, ends=None) -> tuple[source.FlowSource, list]:
     emitted: list = []
     src = source.FlowSource.__new__(source.FlowSource)
     src._unwanted = source.unwanted_kind_codes(kinds)
-    src._emit, src._ends, src.probe, src._pending = emitted.extend, ends, FakeProbe(), []
+    src._emit, src._ends, src.probe = emitted.append, ends, FakeProbe()
     src.counts = Counter(dict.fromkeys(source.COUNTERS, 0))
     return src, emitted
 
@@ -45,14 +45,14 @@ def flow_source(kinds, ends=None) -> tuple[source.FlowSource, list]:
 def test_unwanted_kinds_are_counted_not_delivered():
     src, emitted = flow_source(frozenset({"destroy"}))
     for kind in ("new", "update", "destroy"):
-        src._on_records([raw(kind)])
+        src._on_record(raw(kind))
     assert [e.kind for e in emitted] == ["destroy"]
     assert (src.counts["received_new"], src.counts["received_update"], src.counts["received_destroy"]) == (1, 1, 1)
 
 
 def test_a_destroy_seen_first_still_makes_its_new():
     src, emitted = flow_source(frozenset({"destroy"}))
-    src._on_records([raw("destroy", FLAG_FIRST_SIGHT)])
+    src._on_record(raw("destroy", FLAG_FIRST_SIGHT))
     assert [e.kind for e in emitted] == ["new", "destroy"]
 
 
@@ -60,21 +60,13 @@ def test_every_kind_is_delivered_when_all_are_wanted_or_unknown():
     for kinds in (None, frozenset({"new", "update", "destroy"})):
         src, emitted = flow_source(kinds)
         for kind in ("new", "update", "destroy"):
-            src._on_records([raw(kind)])
+            src._on_record(raw(kind))
         assert [e.kind for e in emitted] == ["new", "update", "destroy"]
 
 
 def test_records_of_flows_without_end_events_still_reach_the_sweep():
     ends = FakeEnds()
     src, emitted = flow_source(frozenset({"destroy"}), ends)
-    src._on_records([raw("new", FLAG_NO_EVENTS), raw("new")])
+    src._on_record(raw("new", FLAG_NO_EVENTS))
+    src._on_record(raw("new"))
     assert ends.noted == ["new"]
-
-
-def test_one_read_is_emitted_as_one_list_in_order():
-    src, _ = flow_source(None)
-    calls: list = []
-    src._emit = calls.append
-    src._on_records([raw("update"), raw("destroy", FLAG_FIRST_SIGHT), raw("new")])
-    src._on_records([])
-    assert [[e.kind for e in call] for call in calls] == [["update", "new", "destroy", "new"]]

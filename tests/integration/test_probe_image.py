@@ -11,18 +11,14 @@ import dataclasses
 import json
 import logging
 import os
-import threading
-import time
-from collections import Counter
 
 import pytest
 
 from conntracct import netns
-from conntracct.flow import NEW
 from conntracct.probe import bpfsys, compiler, loader
 from conntracct.probe.loader import MAPS, Probe, ProbeSettings, compile_probe
 from conntracct.probe.modes import try_netfilter
-from conntracct.probe.record import decode
+from tests.integration.probe_churn import new_flows, read_during_churn
 from tests.netns import Topology
 
 pytestmark = [pytest.mark.root,
@@ -74,30 +70,16 @@ def test_a_probe_from_the_image_reports_the_kernels_flows(netfilter, tmp_path, m
     compile_probe("netfilter", settings(tmp_path)).close()
     monkeypatch.setattr(compiler, "_Child", NoCompiler)
     got: list[bytes] = []
-    stop = threading.Event()
     with Topology(acct=True, timestamp=True) as topo, netns.entered(topo.ns_path("router")):
-        probe = Probe("netfilter", settings(tmp_path), got.extend, False)
-
-        def read() -> None:
-            while not stop.is_set():
-                probe.consume()
-                time.sleep(0.002)
-        reader = threading.Thread(target=read)
-        reader.start()
+        probe = Probe("netfilter", settings(tmp_path), got.append, False)
         try:
-            with topo.conntrack_events(("NEW",)) as cap:
-                result = topo.churn(duration=1, rate=300, proto="udp")
+            result, cap = read_during_churn(probe, topo, duration=1, rate=300)
         finally:
-            stop.set()
-            reader.join()
-            probe.consume()
             lost = probe.stats()["records_lost"]
             batched = probe.takes_in_batches
             probe.close()
     assert lost == 0 and batched      # the syscall program came from the image too
-    ours = Counter(e.orig.sport for e in map(lambda raw: decode(raw, 0), got)
-                   if e.kind == NEW and e.orig.dport == result.port)
-    kernel = Counter(e["orig"]["sport"] for e in cap.events if e["orig"].get("dport") == result.port)
+    ours, kernel = new_flows(got, cap, result.port)
     assert sum(kernel.values()) >= 200, result.summary()
     assert ours == kernel
 

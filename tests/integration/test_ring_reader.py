@@ -8,20 +8,17 @@ from __future__ import annotations
 
 import mmap
 import os
-import threading
-import time
-from collections import Counter
 
 import pytest
 
 from conntracct import netns
 from conntracct.config import ProbeConfig
-from conntracct.flow import NEW
 from conntracct.probe import bpfsys
 from conntracct.probe._ring import Ring
 from conntracct.probe.loader import Probe, ProbeSettings
 from conntracct.probe.modes import try_netfilter
-from conntracct.probe.record import RECORD, decode
+from conntracct.probe.record import RECORD
+from tests.integration.probe_churn import new_flows, read_during_churn
 from tests.netns import Topology
 
 pytestmark = [pytest.mark.root,
@@ -34,25 +31,13 @@ def test_records_wrapping_at_the_data_end_come_out_whole_and_once():
     if not try_netfilter().ok:
         pytest.skip(f"this kernel has no BPF netfilter programs: {try_netfilter().detail}")
     got: list[bytes] = []
-    stop = threading.Event()
     with Topology(acct=True, timestamp=True) as topo, netns.entered(topo.ns_path("router")):
         probe = Probe("netfilter", ProbeSettings.from_config(ProbeConfig(max_flows=65536, ringbuf_pages=PAGES)),
                       got.append, False)
         data_size = bpfsys.map_max_entries(probe.ring_fd)
-
-        def read() -> None:
-            while not stop.is_set():
-                probe.consume()
-                time.sleep(0.002)
-        reader = threading.Thread(target=read)
-        reader.start()
         try:
-            with topo.conntrack_events(("NEW",)) as cap:
-                result = topo.churn(duration=2, rate=500, proto="udp")
+            result, cap = read_during_churn(probe, topo, duration=2, rate=500)
         finally:
-            stop.set()
-            reader.join()
-            probe.consume()
             stats = probe.stats()
             probe.close()
     assert data_size == PAGES * mmap.PAGESIZE
@@ -60,9 +45,7 @@ def test_records_wrapping_at_the_data_end_come_out_whole_and_once():
     assert not cap.lost_events
     assert all(len(raw) == RECORD.size for raw in got)
     assert len(got) * (RECORD.size + 8) > 10 * data_size, "the ring did not wrap often enough to test anything"
-    events = [decode(raw, 0) for raw in got]
-    ours = Counter(e.orig.sport for e in events if e.kind == NEW and e.orig.dport == result.port)
-    kernel = Counter(e["orig"]["sport"] for e in cap.events if e["orig"].get("dport") == result.port)
+    ours, kernel = new_flows(got, cap, result.port)
     assert sum(kernel.values()) >= 900, result.summary()
     assert ours == kernel
 

@@ -28,7 +28,9 @@ def test_churn_5000_per_second_loses_nothing():
         agent = RunningAgent(topo, config={"sinks": [{"type": "stdout", "format": "json", "queue_size": 200000,
                                                       "batch_size": 5000, "flush_interval": "200ms"}]})
         with topo.conntrack_events() as cap:
-            result = topo.churn(duration=10, rate=RATE * 1.1)
+            # Asked for more than RATE: the generator's pacing falls short of
+            # what it is asked on a loaded 2-core host (4,942/s of 5,500 seen).
+            result = topo.churn(duration=10, rate=RATE * 1.4)
             topo.wait_conntrack_empty(timeout=30)
         print(result.summary())
         assert not cap.lost_events

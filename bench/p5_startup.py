@@ -50,7 +50,7 @@ from common import ROOT, Report, arguments, need_root  # noqa: E402
 TARGET_S = 1.0
 
 PARTS = r"""
-import dataclasses, json, sys, tempfile, time
+import dataclasses, json, shutil, sys, tempfile, time
 t0 = time.perf_counter()
 import conntracct.agent  # noqa: F401  (everything `conntracct run` imports)
 t1 = time.perf_counter()
@@ -76,6 +76,7 @@ t3 = time.perf_counter()
 probe = loader.Probe(mode, kept, lambda raw: None, True)
 t4 = time.perf_counter()
 probe.close()
+shutil.rmtree(kept.cache_dir)
 print(json.dumps({"mode": mode, "import": t1 - t0, "detect": t2 - t1, "compile": t_compile, "image": took["image"],
                   "attach": (t4 - t3) - took["image"]}))
 """
